@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mindsft",
+    version="0.1.0",
+    description="Supervised fine-tuning of Llama-family models in MindSpore",
+    packages=find_packages(include=["mindsft", "mindsft.*"]),
+    package_data={"mindsft": ["sample_data/*.json"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "mindspore==2.10.0",
+        "numpy<2",  # MindSpore 2.10 crashes at its first op with numpy 2
+        "sentencepiece>=0.2.0",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "jinja2",
+    ],
+    extras_require={
+        # The references our tests compare against; torch pinned to the CPU build.
+        "test": ["pytest", "torch==2.13.0", "transformers==5.23.0"],
+    },
+)

@@ -1,0 +1,25 @@
+"""Fixtures shared by the tests: where ../shared lives, and tiny real models built on the spot."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MINDSFT_SHARED", ROOT.parent / "shared")) / "data"
+
+
+def shared_file(relative):
+    """Path to a file under ../shared/data, or skip the test saying what is missing."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/data is optional)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A random tiny Llama (GQA, 2 layers) in HuggingFace format with a trained tokenizer."""
+    from mindsft.sample import write_tiny_hf_llama
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama-hf"
+    write_tiny_hf_llama(path)
+    return path

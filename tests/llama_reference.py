@@ -1,0 +1,43 @@
+"""Build the same random Llama in transformers (the reference) and in mindsft."""
+import numpy as np
+import torch
+import transformers
+
+from mindsft.convert.names import hf_to_ms_name
+from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
+from mindsft.models.weights import assign_weights
+
+
+def random_hf_llama(seed=0, **config):
+    """A transformers LlamaForCausalLM with random weights, norm weights perturbed away from 1."""
+    torch.manual_seed(seed)
+    defaults = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                    num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=128,
+                    rms_norm_eps=1e-5)
+    hf_config = transformers.LlamaConfig(**{**defaults, **config})
+    model = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def mindsft_twin(hf_model):
+    """Our LlamaForCausalLM holding exactly the weights of `hf_model`."""
+    config = LlamaConfig.from_hf(hf_model.config.to_dict())
+    model = LlamaForCausalLM(config)
+    arrays = {hf_to_ms_name(k): v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    if config.tie_word_embeddings:
+        arrays.pop("lm_head.weight", None)
+    assign_weights(model, arrays, source="transformers state_dict")
+    return model
+
+
+def random_batch(vocab_size, batch=2, seq=17, seed=0):
+    rng = np.random.RandomState(seed)
+    input_ids = rng.randint(0, vocab_size, (batch, seq)).astype(np.int32)
+    labels = input_ids.copy()
+    labels[:, :5] = -100
+    labels[-1, seq // 2:] = -100
+    return input_ids, labels
