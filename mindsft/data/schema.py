@@ -1,0 +1,38 @@
+"""The MindRecord schema that llama_preprocess writes and the trainer reads: one place for both.
+
+Records are `seq_length + 1` tokens: the model reads the whole record and shifts labels inside,
+so position t learns labels[t + 1] (MindFormers' convention: input_ids[:-1] predicts labels[1:]).
+"""
+import os
+import re
+
+from mindsft.errors import DataError
+
+DATASET_TYPES = ("qa", "wiki")
+COLUMNS = {"qa": ("input_ids", "labels"), "wiki": ("input_ids",)}
+# MindFormers' reader only takes files named like x.mindrecord, x.mindrecord0, x.mindrecord12.
+MINDRECORD_NAME = re.compile(r".*mindrecord\d*$")
+
+
+def mindrecord_schema(dataset_type):
+    """FileWriter schema for a dataset type: int32 token columns of variable length."""
+    if dataset_type not in COLUMNS:
+        raise DataError(f"dataset_type {dataset_type!r} is not one of {', '.join(DATASET_TYPES)}")
+    return {name: {"type": "int32", "shape": [-1]} for name in COLUMNS[dataset_type]}
+
+
+def record_length(seq_length):
+    return seq_length + 1
+
+
+def mindrecord_files(dataset_dir):
+    """The MindRecord data files in a directory (or the one file given), sorted, `.db` excluded."""
+    path = os.fspath(dataset_dir)
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: dataset path does not exist")
+    files = sorted(os.path.join(path, name) for name in os.listdir(path) if MINDRECORD_NAME.match(name))
+    if not files:
+        raise DataError(f"{path}: no MindRecord files (names ending in 'mindrecord' or 'mindrecordN')")
+    return files
