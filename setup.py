@@ -18,6 +18,6 @@ setup(
     ],
     extras_require={
         # The references our tests compare against; torch pinned to the CPU build.
-        "test": ["pytest", "torch==2.13.0", "transformers==5.23.0"],
+        "test": ["pytest", "torch==2.13.0", "transformers==5.23.0", "peft==0.21.2"],
     },
 )
