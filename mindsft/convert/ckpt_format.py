@@ -1,0 +1,250 @@
+"""Reading and writing MindSpore `.ckpt` files tensor by tensor, without MindSpore.
+
+A `.ckpt` is the protobuf message `Checkpoint { repeated Value value = 1; }` with
+`Value { required string tag = 1; oneof { TensorProto tensor = 2; MapTensorProto maptensor = 3; } }`
+and `TensorProto { repeated int64 dims = 1; required string tensor_type = 2; required bytes
+tensor_content = 3; }` (mindspore/train/checkpoint_pb2.py). A repeated field serialises as
+back-to-back records, so the file can be written one Value at a time. MindSpore splits a large
+tensor into several Values with the same tag (each holding the full dims) and joins them when
+loading; we do the same, which also keeps every protobuf field under its 2 GB limit.
+An optional trailer `b"crc_num" + 10 bytes` (save_checkpoint(crc_check=True)) is tolerated.
+"""
+import dataclasses
+import math
+import os
+from typing import List, Tuple
+
+from mindsft.convert import dtypes
+from mindsft.convert.stored import StoredTensor, segment_reader
+from mindsft.errors import ConvertError
+
+# MindSpore's own slice size (serialization.SLICE_SIZE, 512 MiB), so its loader sees what it writes.
+CHUNK_BYTES = 512 * 1024 * 1024
+_CRC_TRAILER = b"crc_num"
+_CRC_TRAILER_BYTES = len(_CRC_TRAILER) + 10
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+
+def _varint(value):
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _len_field(number, length):
+    return _varint(number << 3 | _LEN) + _varint(length)
+
+
+class CkptWriter:
+    """Write a `.ckpt` one tensor at a time: `write(name, dtype, shape, blocks)`.
+
+    The caller makes the path atomic (see mindsft.files.atomic_output).
+    """
+
+    def __init__(self, path, chunk_bytes=CHUNK_BYTES):
+        self.path = os.fspath(path)
+        self.chunk_bytes = chunk_bytes
+        self._file = open(self.path, "wb")
+
+    def write(self, name, dtype, shape, blocks, on_bytes=None):
+        """Write one tensor; `blocks` yields 1-D storage arrays of `dtype` holding its elements."""
+        item = dtypes.itemsize(dtype)
+        total = math.prod(shape) * item
+        chunk = max(item, self.chunk_bytes - self.chunk_bytes % item)
+        tag = name.encode("utf-8")
+        dims = b"".join(_varint(1 << 3 | _VARINT) + _varint(int(d)) for d in shape)
+        type_code = dtypes.ckpt_code(dtype).encode("ascii")
+        pending = _BlockQueue(iter(blocks))
+        start = 0
+        while True:
+            length = min(chunk, total - start)
+            tensor_head = dims + _len_field(2, len(type_code)) + type_code + _len_field(3, length)
+            tensor_len = len(tensor_head) + length
+            value_head = _len_field(1, len(tag)) + tag + _len_field(2, tensor_len)
+            self._file.write(_len_field(1, len(value_head) + tensor_len) + value_head + tensor_head)
+            for piece in pending.take(length):
+                self._file.write(piece)
+                if on_bytes:
+                    on_bytes(len(piece))
+            start += length
+            if start >= total:
+                break
+        if pending.has_more():
+            raise ConvertError(f"{self.path}: tensor {name} produced more than {total} bytes")
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _BlockQueue:
+    """Bytes from an iterator of arrays, handed out in runs of exact lengths."""
+
+    def __init__(self, arrays):
+        self._arrays = arrays
+        self._left = memoryview(b"")
+
+    def take(self, length):
+        while length:
+            if not len(self._left):
+                block = next(self._arrays, None)
+                if block is None:
+                    raise ConvertError("a tensor produced fewer bytes than its shape needs")
+                self._left = memoryview(block).cast("B")
+            piece = self._left[:length]
+            self._left = self._left[length:]
+            length -= len(piece)
+            yield piece
+
+    def has_more(self):
+        if len(self._left):
+            return True
+        block = next(self._arrays, None)
+        return block is not None and block.nbytes > 0
+
+
+@dataclasses.dataclass
+class CkptEntry:
+    """One tag of a `.ckpt` as found on disk: its chunks are [(offset, nbytes)]."""
+    name: str
+    tensor_type: str  # MindSpore's spelling: Float32, BFloat16, str, ... ('maptensor' for map tensors)
+    shape: Tuple[int, ...]
+    chunks: List[Tuple[int, int]]
+
+
+class _Reader:
+    def __init__(self, f, path, size):
+        self.f, self.path, self.size = f, path, size
+
+    def varint(self, end):
+        result, shift = 0, 0
+        while True:
+            if self.f.tell() >= end:
+                raise ConvertError(f"{self.path} is truncated or corrupt near byte {self.f.tell()}")
+            byte = self.f.read(1)[0]
+            result |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return result
+            shift += 7
+            if shift > 63:
+                raise ConvertError(f"{self.path} is corrupt near byte {self.f.tell()} (not a MindSpore checkpoint?)")
+
+    def skip(self, wire, end):
+        if wire == _VARINT:
+            self.varint(end)
+        elif wire in (_I64, _I32):
+            self.f.seek(8 if wire == _I64 else 4, 1)
+        elif wire == _LEN:
+            self.f.seek(self.varint(end), 1)
+        else:
+            raise ConvertError(f"{self.path} is corrupt near byte {self.f.tell()} (not a MindSpore checkpoint?)")
+        if self.f.tell() > end:
+            raise ConvertError(f"{self.path} is truncated or corrupt near byte {self.f.tell()}")
+
+
+def _parse_tensor(reader, end):
+    dims, tensor_type, content = [], None, None
+    while reader.f.tell() < end:
+        key = reader.varint(end)
+        number, wire = key >> 3, key & 7
+        if number == 1 and wire == _VARINT:
+            dims.append(reader.varint(end))
+        elif number == 1 and wire == _LEN:  # packed dims
+            stop = reader.f.tell() + reader.varint(end)
+            while reader.f.tell() < stop:
+                dims.append(reader.varint(stop))
+        elif number == 2 and wire == _LEN:
+            length = reader.varint(end)
+            tensor_type = reader.f.read(length).decode("utf-8", "replace")
+        elif number == 3 and wire == _LEN:
+            length = reader.varint(end)
+            content = (reader.f.tell(), length)
+            reader.f.seek(length, 1)
+        else:
+            reader.skip(wire, end)
+    return dims, tensor_type, content
+
+
+def read_ckpt_entries(path):
+    """Every tag of a `.ckpt`, in file order, with where its bytes lie; reads no tensor data."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: file not found")
+    size = os.path.getsize(path)
+    entries = []
+    with open(path, "rb") as f:
+        reader = _Reader(f, path, size)
+        if size >= _CRC_TRAILER_BYTES:
+            f.seek(size - _CRC_TRAILER_BYTES)
+            if f.read(len(_CRC_TRAILER)) == _CRC_TRAILER:
+                size -= _CRC_TRAILER_BYTES
+            f.seek(0)
+        while f.tell() < size:
+            at = f.tell()
+            key = reader.varint(size)
+            if key != (1 << 3 | _LEN):
+                raise ConvertError(f"{path} is corrupt at byte {at}: not a MindSpore checkpoint "
+                                   "(or an encrypted one, which is not supported)")
+            value_end = reader.varint(size)
+            value_end += f.tell()
+            if value_end > size:
+                raise ConvertError(f"{path} is truncated: the record at byte {at} ends at byte {value_end}, "
+                                   f"the file holds {size} bytes")
+            tag, tensor = None, None
+            while f.tell() < value_end:
+                field = reader.varint(value_end)
+                number, wire = field >> 3, field & 7
+                if number == 1 and wire == _LEN:
+                    tag = f.read(reader.varint(value_end)).decode("utf-8", "replace")
+                elif number == 2 and wire == _LEN:
+                    tensor_end = reader.varint(value_end) + f.tell()
+                    tensor = _parse_tensor(reader, tensor_end)
+                elif number == 3 and wire == _LEN:
+                    tensor = ([], "maptensor", None)
+                    reader.skip(wire, value_end)
+                else:
+                    reader.skip(wire, value_end)
+            if f.tell() != value_end or tag is None or tensor is None:
+                raise ConvertError(f"{path} is corrupt: the record at byte {at} is malformed")
+            dims, tensor_type, content = tensor
+            if entries and entries[-1].name == tag and content is not None:
+                entries[-1].chunks.append(content)  # the next slice of a split tensor
+            else:
+                entries.append(CkptEntry(tag, tensor_type, tuple(dims), [content] if content else []))
+    return entries
+
+
+def stored_tensor(path, entry):
+    """A StoredTensor reading `entry`'s bytes from `path` (floats and integers only)."""
+    where = f"tensor {entry.name}"
+    dtype = dtypes.from_ckpt(entry.tensor_type, f"{path}: {where}")
+    # MindSpore writes a 0-d tensor with dims [0].
+    shape = () if entry.shape == (0,) and sum(n for _, n in entry.chunks) == dtypes.itemsize(dtype) else entry.shape
+    held = sum(n for _, n in entry.chunks)
+    needed = math.prod(shape) * dtypes.itemsize(dtype)
+    if held != needed:
+        raise ConvertError(f"{path} is corrupt: {where} {list(shape)} {dtype} needs {needed} bytes, holds {held}")
+    return StoredTensor(entry.name, dtype, shape, path, segment_reader(path, entry.chunks, dtype, where))
+
+
+def read_ckpt(path):
+    """{name: StoredTensor} of a `.ckpt`'s tensors, and [(name, tensor_type)] of its other
+    entries (strings, map tensors), which converters skip."""
+    tensors, others = {}, []
+    for entry in read_ckpt_entries(path):
+        if dtypes.is_ckpt_code(entry.tensor_type):
+            tensors[entry.name] = stored_tensor(path, entry)
+        else:
+            others.append((entry.name, entry.tensor_type))
+    return tensors, others

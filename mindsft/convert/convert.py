@@ -1,0 +1,269 @@
+"""HuggingFace ⇄ MindSpore checkpoint conversion that streams: tensors go from file to file in
+blocks, so peak memory stays near one block whatever the model's size.
+
+`hf_to_ms`: a HuggingFace Llama folder (safetensors or .bin, single or sharded) → one `.ckpt`
+with MindFormers' names. `ms_to_hf`: a `.ckpt` (ours, MindFormers', or a training checkpoint
+whose optimizer state is skipped) → a HuggingFace folder that transformers loads.
+"""
+import collections
+import json
+import os
+import re
+import resource
+import shutil
+import time
+
+from mindsft.convert import dtypes
+from mindsft.convert.ckpt_format import CkptWriter, read_ckpt
+from mindsft.convert.hf_reader import find_weights, open_hf_weights, read_hf_config
+from mindsft.convert.names import HF_IGNORED, hf_to_ms_name, ms_to_hf_name
+from mindsft.convert.safetensors_format import write_safetensors
+from mindsft.convert.shapes import llama_dims_from_hf, weight_shapes
+from mindsft.errors import ConfigError, ConvertError
+from mindsft.files import atomic_output
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+# What ms_to_hf writes: an existing output folder holding only these may be replaced.
+_HF_OUTPUT_FILE = re.compile(r"^(config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|"
+                             r"model-\d+-of-\d+\.safetensors|" + "|".join(map(re.escape, TOKENIZER_FILES)) + ")$")
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def hf_to_ms(input_path, output_path, dtype=None, progress=True):
+    """Convert a HuggingFace Llama (folder or weights file, config.json beside it) to a `.ckpt`.
+
+    `dtype` ('fp32', 'fp16', 'bf16', or None to keep each tensor's own) sets the output dtype.
+    Returns the summary dict (see `format_summary`).
+    """
+    started = time.time()
+    dtype = dtypes.canonical(dtype)
+    output_path = os.fspath(output_path)
+    if os.path.isdir(output_path):
+        raise ConvertError(f"{output_path} is a folder; give the .ckpt file to write, e.g. {output_path}/model.ckpt")
+    weights_path, config_path = find_weights(input_path)
+    dims = llama_dims_from_hf(read_hf_config(config_path), config_path)
+    source = open_hf_weights(weights_path)
+
+    weights, skipped, unknown = {}, collections.Counter(), []
+    for hf_name, tensor in source.items():
+        if HF_IGNORED.match(hf_name):
+            skipped["rotary inv_freq buffers"] += 1
+            continue
+        ms_name = hf_to_ms_name(hf_name)
+        if ms_name is None:
+            unknown.append(f"{hf_name} (in {os.path.basename(tensor.file)})")
+        elif ms_name == "lm_head.weight" and dims.tie_word_embeddings:
+            skipped["lm_head.weight (tied to the embedding)"] += 1
+        else:
+            weights[ms_name] = tensor
+    if unknown:
+        raise ConvertError(f"{weights_path}: {len(unknown)} tensor(s) the HuggingFace⇄MindSpore name table does not "
+                           f"know: {', '.join(sorted(unknown))}")
+    ordered = _check_against_config(weights, weight_shapes(dims), config_path, name_of=ms_to_hf_name)
+
+    total_in = sum(t.nbytes for _, t in ordered)
+    with _progress_bar(total_in, "hf→ckpt", progress) as bar, atomic_output(output_path) as tmp:
+        with CkptWriter(tmp) as writer:
+            for ms_name, tensor in ordered:
+                out_dtype = dtype or tensor.dtype
+                writer.write(ms_name, out_dtype, tensor.shape, tensor.blocks(out_dtype))
+                bar.update(tensor.nbytes)
+    return _summary("hf_to_ms", input_path, output_path, [t for _, t in ordered], dtype, skipped, started)
+
+
+def ms_to_hf(input_ckpt, output_dir, llama_config, dtype=None, max_shard_size="5GB", tokenizer_dir=None,
+             progress=True):
+    """Convert a MindSpore `.ckpt` to a HuggingFace folder: safetensors shards (+ index when
+    more than one), config.json and generation_config.json from `llama_config`, and the
+    tokenizer files of `tokenizer_dir` when given. Non-model entries (optimizer state,
+    global_step, ...) are skipped and counted. Returns the summary dict.
+    """
+    started = time.time()
+    dtype = dtypes.canonical(dtype)
+    shard_limit = parse_size(max_shard_size)
+    output_dir = os.path.normpath(os.fspath(output_dir))
+    _check_replaceable(output_dir)
+    tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir else []
+    tensors, others = read_ckpt(input_ckpt)
+
+    weights, skipped, unknown = {}, collections.Counter(), []
+    for name, tensor in tensors.items():
+        if ms_to_hf_name(name) is not None:
+            if name == "lm_head.weight" and llama_config.tie_word_embeddings:
+                skipped["lm_head.weight (tied to the embedding)"] += 1
+            else:
+                weights[name] = tensor
+        elif name.startswith(("model.", "lm_head.")):
+            unknown.append(name)
+        else:
+            skipped[_entry_group(name)] += 1
+    for name, _ in others:
+        skipped[_entry_group(name)] += 1
+    if unknown:
+        raise ConvertError(f"{input_ckpt}: {len(unknown)} model tensor(s) the HuggingFace⇄MindSpore name table does "
+                           f"not know: {', '.join(sorted(unknown))}")
+    ordered = [t for _, t in _check_against_config(weights, weight_shapes(llama_config), "the model config",
+                                                    name_of=lambda n: n)]
+    out_dtype_of = {t.name: dtype or t.dtype for t in ordered}
+    shards = plan_shards(ordered, shard_limit, out_dtype_of)
+
+    total_in = sum(t.nbytes for t in ordered)
+    with _progress_bar(total_in, "ckpt→hf", progress) as bar, atomic_output(output_dir) as tmp:
+        os.makedirs(tmp)
+        weight_map = {}
+        for index, shard in enumerate(shards, 1):
+            file_name = "model.safetensors" if len(shards) == 1 else f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+            entries = [(ms_to_hf_name(t.name), out_dtype_of[t.name], t.shape, _counted(t, out_dtype_of[t.name], bar))
+                       for t in shard]
+            write_safetensors(os.path.join(tmp, file_name), entries, metadata={"format": "pt"})
+            weight_map.update({hf_name: file_name for hf_name, *_ in entries})
+        if len(shards) > 1:
+            total_size = sum(t.numel * dtypes.itemsize(out_dtype_of[t.name]) for t in ordered)
+            _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                        {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+        main_dtype = out_dtype_of[ordered[0].name]
+        _write_json(os.path.join(tmp, "config.json"), llama_config.to_hf(dtype=main_dtype))
+        _write_json(os.path.join(tmp, "generation_config.json"),
+                    {"bos_token_id": llama_config.bos_token_id, "eos_token_id": llama_config.eos_token_id})
+        for path in tokenizer_files:
+            shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
+    summary = _summary("ms_to_hf", input_ckpt, output_dir, ordered, dtype, skipped, started)
+    summary["shards"] = len(shards)
+    return summary
+
+
+def llama_config_from_yaml(path):
+    """LlamaConfig from a MindFormers-style run YAML's `model.model_config`."""
+    import yaml
+    from mindsft.models.llama import LlamaConfig
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    model_config = (data.get("model") or {}).get("model_config") if isinstance(data, dict) else None
+    if not isinstance(model_config, dict):
+        raise ConfigError(f"{path}: no model.model_config section")
+    return LlamaConfig.from_mindformers(model_config)
+
+
+def llama_config_from_hf_json(path):
+    """LlamaConfig from a HuggingFace config.json."""
+    from mindsft.models.llama import LlamaConfig
+
+    return LlamaConfig.from_hf(read_hf_config(path), source=path)
+
+
+def parse_size(size):
+    """'5GB' → 5·10⁹ bytes, '500MiB' → 500·2²⁰, as transformers reads max_shard_size; ints pass."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
+    if not match:
+        raise ConvertError(f"max_shard_size {size!r} is not a size such as 5GB or 500MB")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
+
+
+def plan_shards(tensors, limit, out_dtype_of):
+    """Group tensors, in order, into shards of at most `limit` bytes (a bigger tensor goes alone)."""
+    shards, current, current_bytes = [], [], 0
+    for tensor in tensors:
+        nbytes = tensor.numel * dtypes.itemsize(out_dtype_of[tensor.name])
+        if current and current_bytes + nbytes > limit:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(tensor)
+        current_bytes += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def format_summary(summary):
+    """One line a person reads after a conversion."""
+    skipped = summary["skipped"]
+    skipped_text = (", skipped " + ", ".join(f"{n} {what}" for what, n in sorted(skipped.items()))) if skipped else ""
+    return (f"{summary['output']}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
+            f"{summary['bytes'] / 2**20:,.1f} MiB read in {summary['seconds']:.1f} s, "
+            f"peak RSS {summary['peak_rss_bytes'] / 2**20:,.0f} MiB{skipped_text}")
+
+
+def _check_against_config(weights, shapes, config_source, name_of):
+    """[(MindSpore name, tensor)] in model order, after checking none is missing and every shape is right."""
+    missing = [name_of(n) for n in shapes if n not in weights]
+    extra = [name_of(n) for n in weights if n not in shapes]
+    wrong = [f"{name_of(n)} {list(t.shape)} in {os.path.basename(t.file)} (expected {list(shapes[n])})"
+             for n, t in weights.items() if n in shapes and tuple(t.shape) != tuple(shapes[n])]
+    not_float = [f"{name_of(n)} ({t.dtype})" for n, t in weights.items() if t.dtype not in dtypes.FLOAT_DTYPES]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing for the config: {', '.join(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} tensor(s) beyond the config's layers: {', '.join(extra)}")
+    if wrong:
+        problems.append(f"{len(wrong)} shape(s) disagree with {config_source}: {'; '.join(wrong)}")
+    if not_float:
+        problems.append(f"tensors that are not floating point: {', '.join(not_float)}")
+    if problems:
+        raise ConvertError(" | ".join(problems))
+    return [(n, weights[n]) for n in shapes]
+
+
+def _counted(tensor, dtype, bar):
+    for block in tensor.blocks(dtype):
+        bar.update(block.size * dtypes.itemsize(tensor.dtype))
+        yield block
+
+
+def _entry_group(name):
+    # adam_m.model.layers.0... → adam_m; global_step → global_step
+    return name.split(".", 1)[0]
+
+
+def _check_replaceable(output_dir):
+    if os.path.isfile(output_dir):
+        raise ConvertError(f"{output_dir} is a file; give a folder for the HuggingFace model")
+    if os.path.isdir(output_dir):
+        foreign = [n for n in os.listdir(output_dir) if not _HF_OUTPUT_FILE.match(n)]
+        if foreign:
+            raise ConvertError(f"{output_dir} exists and holds files a conversion does not write "
+                               f"({', '.join(sorted(foreign)[:5])}); choose a new folder")
+
+
+def _tokenizer_files(tokenizer_dir):
+    if not os.path.isdir(tokenizer_dir):
+        raise ConvertError(f"{tokenizer_dir}: tokenizer folder not found")
+    files = [os.path.join(tokenizer_dir, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
+    if not files:
+        raise ConvertError(f"{tokenizer_dir}: holds none of {', '.join(TOKENIZER_FILES)}")
+    return files
+
+
+def _write_json(path, data):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _progress_bar(total, what, enabled):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled,
+                dynamic_ncols=True)
+
+
+def _summary(direction, source, output, tensors, dtype, skipped, started):
+    return {
+        "direction": direction,
+        "input": os.fspath(source),
+        "output": os.fspath(output),
+        "tensors": len(tensors),
+        "parameters": sum(t.numel for t in tensors),
+        "bytes": sum(t.nbytes for t in tensors),
+        "dtype": dtype or "as stored",
+        "skipped": dict(skipped),
+        "seconds": time.time() - started,
+        # ru_maxrss is in KiB on Linux: the whole process's peak, imports included.
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }

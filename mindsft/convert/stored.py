@@ -1,0 +1,66 @@
+"""A tensor that sits in a file and is read block by block, so that no converter ever holds a
+whole model, nor even a whole tensor, in memory."""
+import dataclasses
+import math
+from typing import Callable, Iterator, Tuple
+
+import numpy as np
+
+from mindsft.convert import dtypes
+from mindsft.errors import ConvertError
+
+# 64 MiB blocks: large enough that per-block overhead is noise, small against any memory budget.
+BLOCK_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class StoredTensor:
+    name: str
+    dtype: str  # canonical name, see dtypes.py
+    shape: Tuple[int, ...]
+    file: str
+    # read_blocks(max_elements) yields 1-D storage arrays that together hold the tensor.
+    read_blocks: Callable[[int], Iterator[np.ndarray]]
+
+    @property
+    def numel(self):
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self):
+        return self.numel * dtypes.itemsize(self.dtype)
+
+    def blocks(self, dtype=None, block_bytes=BLOCK_BYTES):
+        """Yield the tensor's elements as 1-D storage arrays of `dtype` (default: its own)."""
+        dtype = dtype or self.dtype
+        max_elements = max(1, block_bytes // max(dtypes.itemsize(self.dtype), dtypes.itemsize(dtype)))
+        for block in self.read_blocks(max_elements):
+            yield dtypes.convert(block, self.dtype, dtype)
+
+    def to_numpy(self):
+        """The whole tensor in its storage dtype (bfloat16 as uint16); for tests and small tensors."""
+        parts = list(self.read_blocks(max(1, self.numel)))
+        flat = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, dtypes.storage(self.dtype))
+        return flat.reshape(self.shape)
+
+
+def segment_reader(path, segments, dtype, where):
+    """read_blocks for a tensor stored as raw bytes at [(offset, nbytes), ...] of `path`."""
+    storage = dtypes.storage(dtype)
+
+    def read_blocks(max_elements):
+        with open(path, "rb") as f:
+            for offset, nbytes in segments:
+                if nbytes % storage.itemsize:
+                    raise ConvertError(f"{path}: {where} holds {nbytes} bytes, not a whole number of {dtype}")
+                remaining = nbytes // storage.itemsize
+                f.seek(offset)
+                while remaining:
+                    count = min(remaining, max_elements)
+                    block = np.empty(count, storage)
+                    got = f.readinto(memoryview(block).cast("B"))
+                    if got != block.nbytes:
+                        raise ConvertError(f"{path} is truncated: {where} ends past the end of the file")
+                    yield block
+                    remaining -= count
+    return read_blocks
