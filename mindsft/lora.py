@@ -433,3 +433,112 @@ def load_peft_adapter(model, adapter_dir, seed=0):
     apply_lora(model, lora_config, seed)
     load_adapter_state(model, arrays, source=os.path.join(adapter_dir, PEFT_WEIGHTS))
     return lora_config
+
+
+# ---- files: the merge tool's work ---------------------------------------------------------------
+
+def read_base_weights(path):
+    """({MindFormers name: array}, LlamaConfig or None) from a .ckpt or a HuggingFace model folder."""
+    from mindsft.models.llama import LlamaConfig
+    if os.path.isdir(path):
+        from safetensors.numpy import load_file
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise ConvertError(f"{path}: no config.json (expected a HuggingFace model folder)")
+        with open(config_path, encoding="utf-8") as f:
+            config = LlamaConfig.from_hf(json.load(f), source=config_path)
+        index_path = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index_path):
+            with open(index_path, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        arrays = {}
+        for name in files:
+            file_path = os.path.join(path, name)
+            if not os.path.isfile(file_path):
+                raise ConvertError(f"{path}: {name} is missing")
+            for hf_name, value in load_file(file_path).items():
+                ms_name = hf_to_ms_name(hf_name)
+                if ms_name is not None:
+                    arrays[ms_name] = value
+        return arrays, config
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: no such checkpoint file or HuggingFace folder")
+    try:
+        params = ms.load_checkpoint(path)
+    except Exception as exc:  # MindSpore raises ValueError/RuntimeError for damaged files
+        raise ConvertError(f"{path}: cannot be read as a MindSpore checkpoint: {exc}") from None
+    # Optimizer moments and counters ride along in training checkpoints; a base needs none of them.
+    arrays = {name: p.asnumpy() for name, p in params.items()
+              if not name.startswith(("adam_", "global_step", "learning_rate", "scale_sense", "epoch_num",
+                                      "step_num", "loss_scale", "current_iterator_step", "last_overflow"))}
+    return arrays, None
+
+
+def read_adapter(path, lora_config=None):
+    """(LoraConfig, {adapter name: array}) from a PEFT folder or an adapter .ckpt (which needs `lora_config`
+    for alpha: a checkpoint holds the weights, not the scaling)."""
+    if os.path.isdir(path):
+        return read_peft_adapter(path)
+    if lora_config is None:
+        raise ConfigError(f"{path}: an adapter checkpoint does not record lora_alpha; give the pet_config "
+                          "(or --lora_rank/--lora_alpha) it was trained with")
+    arrays, _ = read_base_weights(path)
+    return lora_config, {k: v for k, v in arrays.items() if is_adapter_name(k)}
+
+
+def save_ms_checkpoint(arrays, path):
+    """Write {name: array} as a MindSpore checkpoint, atomically."""
+    with atomic_output(path) as tmp:
+        # save_checkpoint appends `.ckpt` to names without it, so write under that name and move.
+        ms.save_checkpoint([{"name": k, "data": Tensor(np.ascontiguousarray(v))} for k, v in arrays.items()],
+                           tmp + ".ckpt")
+        os.replace(tmp + ".ckpt", tmp)
+    return path
+
+
+def save_hf_folder(arrays, config, output_dir, tokenizer_from=None):
+    """Write a HuggingFace Llama folder (model.safetensors, config.json) that transformers loads."""
+    from safetensors.numpy import save_file
+    hf_arrays = {}
+    for name, value in arrays.items():
+        hf_name = ms_to_hf_name(name)
+        if hf_name is None:
+            raise ConvertError(f"{output_dir}: no HuggingFace name for tensor {name!r}")
+        hf_arrays[hf_name] = np.ascontiguousarray(value)
+    with atomic_output(output_dir) as tmp:
+        os.makedirs(tmp)
+        save_file(hf_arrays, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config.to_hf(), f, indent=2)
+        if tokenizer_from:
+            import shutil
+            for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                         "special_tokens_map.json", "generation_config.json"):
+                if os.path.isfile(os.path.join(tokenizer_from, name)):
+                    shutil.copy2(os.path.join(tokenizer_from, name), os.path.join(tmp, name))
+    return output_dir
+
+
+def merge_lora_files(base, adapter, output=None, hf_output=None, lora_config=None, model_config=None):
+    """Fold an adapter (PEFT folder or .ckpt) into base weights (.ckpt or HuggingFace folder).
+
+    Writes a MindSpore checkpoint at `output` and/or a HuggingFace folder at `hf_output` (which
+    needs the model config: read from a HuggingFace base, else `model_config`). Returns the
+    names of the merged weights.
+    """
+    if not output and not hf_output:
+        raise ConfigError("merge_lora: give an output checkpoint, a HuggingFace output folder, or both")
+    base_arrays, base_config = read_base_weights(base)
+    lora_config, adapter_arrays = read_adapter(adapter, lora_config)
+    merged = merge_adapter_arrays(base_arrays, adapter_arrays, lora_config, source=str(adapter))
+    if output:
+        save_ms_checkpoint(merged, output)
+    if hf_output:
+        config = base_config or model_config
+        if config is None:
+            raise ConfigError("merge_lora: a HuggingFace output needs the model config: give the run's YAML "
+                              "(model.model_config) or use a HuggingFace folder as the base")
+        save_hf_folder(merged, config, hf_output, tokenizer_from=base if os.path.isdir(base) else None)
+    return sorted({k.rsplit(".", 1)[0] + ".weight" for k in adapter_arrays})

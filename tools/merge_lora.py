@@ -1,0 +1,60 @@
+"""Fold LoRA adapters into base weights: a MindSpore checkpoint and/or a HuggingFace folder."""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml  # noqa: E402
+
+from mindsft.errors import MindsftError  # noqa: E402
+from mindsft.lora import LoraConfig, merge_lora_files  # noqa: E402
+from mindsft.models.llama import LlamaConfig  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Merge LoRA adapters into base weights (W + alpha/rank * B A). The base is a "
+                    "MindSpore .ckpt (MindFormers names) or a HuggingFace model folder; the adapter is a "
+                    "PEFT folder (adapter_model.safetensors + adapter_config.json) or an adapter .ckpt "
+                    "saved by a mindsft LoRA run (then --config or --lora_rank/--lora_alpha say its scaling).")
+    parser.add_argument("--base", required=True, help="base weights: .ckpt file or HuggingFace folder")
+    parser.add_argument("--adapter", required=True, help="PEFT adapter folder or adapter .ckpt")
+    parser.add_argument("--output", help="merged MindSpore checkpoint to write (.ckpt)")
+    parser.add_argument("--hf_output", help="merged HuggingFace folder to write (loads in transformers)")
+    parser.add_argument("--config", help="the run's YAML: model.model_config (for --hf_output from a .ckpt "
+                                         "base) and its pet_config (for an adapter .ckpt)")
+    parser.add_argument("--lora_rank", type=int, help="rank of an adapter .ckpt (instead of --config)")
+    parser.add_argument("--lora_alpha", type=float, help="alpha of an adapter .ckpt (instead of --config)")
+    args = parser.parse_args(argv)
+    if not args.output and not args.hf_output:
+        parser.error("give --output, --hf_output or both")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    lora_config = model_config = None
+    try:
+        if args.config:
+            with open(args.config, encoding="utf-8") as f:
+                model_section = ((yaml.safe_load(f) or {}).get("model") or {}).get("model_config") or {}
+            model_keys = {k: v for k, v in model_section.items() if k != "pet_config"}
+            model_config = LlamaConfig.from_mindformers(model_keys) if model_keys else None
+            if model_section.get("pet_config"):
+                lora_config = LoraConfig.from_mindformers(model_section["pet_config"])
+        if args.lora_rank is not None or args.lora_alpha is not None:
+            if args.lora_rank is None or args.lora_alpha is None:
+                raise MindsftError("give both --lora_rank and --lora_alpha")
+            lora_config = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha)
+        merged = merge_lora_files(args.base, args.adapter, args.output, args.hf_output, lora_config, model_config)
+    except (MindsftError, OSError) as exc:
+        print(f"merge_lora: error: {exc}", file=sys.stderr)
+        return 1
+    written = " and ".join(p for p in (args.output, args.hf_output) if p)
+    print(f"merged adapters into {len(merged)} weights; wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
