@@ -317,6 +317,34 @@ class Attention(nn.Cell):
         out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.wo(out)
 
+    def construct_cached(self, x, cos, sin, mask, write_weight, keep_weight, key_cache, value_cache):
+        """Write x's keys/values into the cache, then attend from x's tokens over the whole cache.
+
+        key/value_cache [B, kv_heads, T, head_dim]; write_weight [T, S] one-hot (slot of each new
+        token) and keep_weight [T, 1] (0 where a slot is overwritten): a one-hot product moves
+        values exactly and keeps shapes static, so a decode step compiles once. mask [B, 1, S, T].
+        """
+        batch, seq = x.shape[0], x.shape[1]
+        cache_len = key_cache.shape[2]
+        q = self.wq(x).reshape(batch, seq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.wk(x).reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.wv(x).reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        cos = ops.expand_dims(cos, 1)
+        sin = ops.expand_dims(sin, 1)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        key_cache = key_cache * keep_weight + ops.matmul(write_weight, k)
+        value_cache = value_cache * keep_weight + ops.matmul(write_weight, v)
+        # Query heads grouped under their key/value head instead of repeating the cache n_rep times.
+        grouped_q = q.reshape(batch, self.n_kv_heads, self.n_rep * seq, self.head_dim)
+        scores = ops.matmul(grouped_q, key_cache.transpose(0, 1, 3, 2)).astype(ms.float32) * self.scale
+        scores = scores.reshape(batch, self.num_heads, seq, cache_len) + mask
+        probs = ops.softmax(scores, -1).astype(self.compute_dtype)
+        probs = probs.reshape(batch, self.n_kv_heads, self.n_rep * seq, cache_len)
+        out = ops.matmul(probs, value_cache).reshape(batch, self.num_heads, seq, self.head_dim)
+        out = out.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.wo(out), key_cache, value_cache
+
 
 class FeedForward(nn.Cell):
     """SwiGLU: w2(silu(w1 x) * w3 x); w1 = gate, w2 = down, w3 = up (MindFormers' names)."""
@@ -342,6 +370,12 @@ class DecoderLayer(nn.Cell):
     def construct(self, x, cos, sin, mask):
         h = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def construct_cached(self, x, cos, sin, mask, write_weight, keep_weight, key_cache, value_cache):
+        attended, key_cache, value_cache = self.attention.construct_cached(
+            self.attention_norm(x), cos, sin, mask, write_weight, keep_weight, key_cache, value_cache)
+        h = x + attended
+        return h + self.feed_forward(self.ffn_norm(h)), key_cache, value_cache
 
 
 class LlamaModel(nn.Cell):
@@ -384,6 +418,36 @@ class LlamaModel(nn.Cell):
             h = layer(h, cos, sin, mask)
         return self.norm_out(h)
 
+    def construct_cached(self, input_ids, position_ids, cache_mask, query_slots, caches):
+        """Run new tokens against a key/value cache: the prompt (prefill) or one token (decode).
+
+        input_ids, position_ids [B, S] int32; cache_mask [B, T] (1 = slot holds a real token,
+        the new ones included); query_slots [S] int32, the cache slot of each new token (the same
+        for every row: prompts are left-padded); caches: tuple of 2·num_layers tensors
+        [B, kv_heads, T, head_dim] (keys, values per layer). Returns (final hidden state of the
+        last new token [B, 1, hidden], updated caches).
+        """
+        batch, seq = input_ids.shape
+        cache_len = caches[0].shape[2]
+        slots = ops.arange(0, cache_len, dtype=ms.int32).reshape(1, cache_len)
+        query_slots = query_slots.reshape(seq, 1)
+        causal = slots <= query_slots
+        allowed = ops.logical_and(causal.reshape(1, 1, seq, cache_len),
+                                  cache_mask.astype(ms.bool_).reshape(batch, 1, 1, cache_len))
+        mask = ops.select(allowed, ops.zeros(allowed.shape, ms.float32),
+                          ops.full(allowed.shape, -1e30, dtype=ms.float32))
+        written = (slots == query_slots).astype(self.compute_dtype)
+        write_weight = written.transpose(1, 0)
+        keep_weight = 1 - written.sum(0).reshape(cache_len, 1)
+        cos, sin = self.rotary_tables(position_ids)
+        h = self.tok_embeddings(input_ids)
+        new_caches = ()
+        for index in range(len(self.layers)):
+            h, key_cache, value_cache = self.layers[index].construct_cached(
+                h, cos, sin, mask, write_weight, keep_weight, caches[2 * index], caches[2 * index + 1])
+            new_caches = new_caches + (key_cache, value_cache)
+        return self.norm_out(h[:, seq - 1:]), new_caches
+
 
 class LlamaForCausalLM(nn.Cell):
     """`model(input_ids)` → logits [B, S, vocab] (float32); `model(input_ids, labels)` → mean loss.
@@ -416,6 +480,18 @@ class LlamaForCausalLM(nn.Cell):
         hidden = self.model(input_ids, attention_mask)
         logits = self.logits_from_hidden(hidden[:, :-1])
         return causal_lm_loss_terms(logits, labels[:, 1:], self.ignore_index)
+
+    def forward_cached(self, input_ids, position_ids, cache_mask, query_slots, caches):
+        """Logits [B, vocab] of the last new token and the updated caches (see
+        `LlamaModel.construct_cached`); what generation calls for prefill and for each step."""
+        hidden, caches = self.model.construct_cached(input_ids, position_ids, cache_mask, query_slots, caches)
+        return self.logits_from_hidden(hidden)[:, 0], caches
+
+    def empty_caches(self, batch, cache_length):
+        """Zeroed key/value caches for `batch` rows of `cache_length` slots."""
+        config = self.config
+        shape = (batch, config.n_kv_heads, cache_length, config.head_dim)
+        return tuple(ops.zeros(shape, self.compute_dtype) for _ in range(2 * config.num_layers))
 
     def construct(self, input_ids, labels=None, attention_mask=None):
         if labels is None:
