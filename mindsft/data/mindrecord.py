@@ -1,0 +1,94 @@
+"""Writing and reading MindRecord shards in the schema of `mindsft.data.schema`.
+
+Shards are written into a hidden temporary folder beside the output and moved into place only
+when complete (index `.db` files first, shard 0 last, since readers open shard 0), so a failed run
+never leaves a shard that looks finished.
+"""
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+
+from mindsft.data.schema import COLUMNS, mindrecord_schema
+from mindsft.errors import DataError
+
+WRITE_BATCH = 512  # records per write_raw_data call: one call per record is MindRecord's slow path
+
+
+class EmptyOutputError(DataError):
+    """No record reached the writer, so no shard was written."""
+
+
+def shard_names(output_file, partitions):
+    """The data files FileWriter makes: `<output_file>` alone, or `<output_file>0..N-1`."""
+    output_file = os.fspath(output_file)
+    return [output_file] if partitions == 1 else [f"{output_file}{i}" for i in range(partitions)]
+
+
+def _existing_outputs(output_file):
+    folder, base = os.path.split(os.path.abspath(output_file))
+    pattern = re.compile(re.escape(base) + r"\d*(\.db)?$")
+    return [os.path.join(folder, n) for n in os.listdir(folder) if pattern.match(n)] if os.path.isdir(folder) else []
+
+
+def write_mindrecord(records_iter, output_file, dataset_type, partitions=1):
+    """Write records ({column: int sequence}) to MindRecord shards; returns (shard paths, count)."""
+    from mindspore.mindrecord import FileWriter
+    if partitions < 1:
+        raise DataError(f"file_partition must be at least 1, got {partitions}")
+    columns = COLUMNS.get(dataset_type)
+    schema = mindrecord_schema(dataset_type)
+    output_file = os.path.abspath(os.fspath(output_file))
+    folder, base = os.path.split(output_file)
+    os.makedirs(folder, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    count = 0
+    try:
+        writer = FileWriter(os.path.join(tmp_dir, base), shard_num=partitions, overwrite=True)
+        writer.add_schema(schema, dataset_type)
+        batch = []
+        for record in records_iter:
+            missing = [c for c in columns if c not in record]
+            if missing:
+                raise DataError(f"record {count} has no column {missing[0]!r} (needed for {dataset_type})")
+            batch.append({c: np.asarray(record[c], dtype=np.int32) for c in columns})
+            count += 1
+            if len(batch) == WRITE_BATCH:
+                writer.write_raw_data(batch)
+                batch = []
+        if batch:
+            writer.write_raw_data(batch)
+        if count == 0:
+            raise EmptyOutputError(f"{output_file}: no records to write; nothing written")
+        writer.commit()
+        for stale in _existing_outputs(output_file):
+            os.unlink(stale)
+        finals = shard_names(output_file, partitions)
+        for final in finals:
+            os.replace(os.path.join(tmp_dir, os.path.basename(final)) + ".db", final + ".db")
+        for final in reversed(finals):
+            os.replace(os.path.join(tmp_dir, os.path.basename(final)), final)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return finals, count
+
+
+def read_mindrecord(output_file, partitions=None):
+    """Every record of a written dataset, in order, as {column: int32 array} (for checks and tests)."""
+    import mindspore.dataset as ds
+    output_file = os.fspath(output_file)
+    files = [output_file] if partitions in (None, 1) and os.path.isfile(output_file) else \
+        shard_names(output_file, partitions or _count_shards(output_file))
+    dataset = ds.MindDataset(files, shuffle=False)
+    return list(dataset.create_dict_iterator(output_numpy=True, num_epochs=1))
+
+
+def _count_shards(output_file):
+    count = 0
+    while os.path.isfile(f"{output_file}{count}"):
+        count += 1
+    if not count:
+        raise DataError(f"{output_file}: no MindRecord shards found")
+    return count
