@@ -1,0 +1,482 @@
+"""The run configuration: MindFormers' YAML schema (same key names), parsed once into typed
+objects with command-line overrides applied, validated, then passed down.
+
+Nothing below `load_run_config` reads YAML or the environment for settings. Keys a
+MindFormers YAML carries that only tune Ascend speed are accepted (so a MindFormers user's
+file reads unchanged) and ignored; any other key is an error naming the nearest known one.
+"""
+import copy
+import dataclasses
+import difflib
+import os
+import typing
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+from mindsft.errors import ConfigError
+from mindsft.models.llama import LlamaConfig
+
+RUN_MODES = ("train", "finetune", "eval", "predict")
+LR_SCHEDULES = ("CosineWithWarmUpLR", "LinearWithWarmUpLR", "ConstantWarmUpLR", "constant")
+OPTIMIZERS = ("AdamWeightDecay", "FP32StateAdamWeightDecay", "AdamW")
+# Callbacks we act on, and MindFormers callbacks accepted without effect here.
+CALLBACK_TYPES = ("MFLossMonitor", "CheckpointMonitor", "SummaryMonitor", "ObsMonitor", "ProfileMonitor",
+                  "EvalCallBack", "TrainingStateMonitor")
+
+
+@dataclasses.dataclass
+class RunnerConfig:
+    epochs: int = 1
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    sink_mode: bool = True      # Ascend data sinking; the CPU loop always feeds step by step
+    sink_size: int = 2
+    initial_epoch: int = 0
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    type: str = "FP32StateAdamWeightDecay"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    betas: Optional[List[float]] = None   # LLaMA-Factory / newer MindFormers spelling of (beta1, beta2)
+
+
+@dataclasses.dataclass
+class LrScheduleConfig:
+    type: str = "CosineWithWarmUpLR"
+    learning_rate: Optional[float] = None   # None: the optimizer's
+    lr_end: float = 0.0
+    warmup_ratio: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    warmup_lr_init: float = 0.0
+    total_steps: int = -1                   # -1: derived from the data and epochs
+    num_cycles: float = 0.5
+    decay_steps: Optional[int] = None
+
+
+@dataclasses.dataclass
+class DataLoaderConfig:
+    type: str = "MindDataset"
+    dataset_dir: str = ""
+    shuffle: bool = True
+    dataset_files: Optional[List[str]] = None
+
+
+@dataclasses.dataclass
+class DatasetConfig:
+    data_loader: DataLoaderConfig = dataclasses.field(default_factory=DataLoaderConfig)
+    input_columns: List[str] = dataclasses.field(default_factory=lambda: ["input_ids", "labels"])
+    drop_remainder: bool = True
+    num_parallel_workers: int = 8
+    python_multiprocessing: bool = False
+    batch_size: Optional[int] = None        # runner_config.batch_size is the one used
+    repeat: int = 1
+    numa_enable: bool = False
+    prefetch_size: int = 1
+    output_columns: Optional[List[str]] = None
+
+
+@dataclasses.dataclass
+class ScaleSenseConfig:
+    type: str = "DynamicLossScaleUpdateCell"
+    loss_scale_value: float = 65536.0
+    scale_factor: float = 2.0
+    scale_window: int = 1000
+
+
+@dataclasses.dataclass
+class RunnerWrapperConfig:
+    type: str = "MFTrainOneStepCell"
+    scale_sense: Union[ScaleSenseConfig, float] = dataclasses.field(default_factory=ScaleSenseConfig)
+    use_clip_grad: bool = True
+    max_grad_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    data_parallel: int = 1
+    model_parallel: int = 1
+    pipeline_stage: int = 1
+    micro_batch_num: int = 1
+    vocab_emb_dp: bool = True
+    use_seq_parallel: bool = False
+    gradient_aggregation_group: int = 4
+    context_parallel: int = 1
+    expert_parallel: int = 1
+
+
+@dataclasses.dataclass
+class ParallelModeConfig:
+    parallel_mode: int = 0      # 0 data, 1 semi-auto, 2 auto, 3 hybrid
+    gradients_mean: bool = False
+    enable_alltoall: bool = False
+    full_batch: bool = True
+    search_mode: str = "sharding_propagation"
+    enable_parallel_optimizer: bool = False
+    strategy_ckpt_save_file: str = "./ckpt_strategy.ckpt"
+    strategy_ckpt_config: Optional[Dict[str, Any]] = None
+    parallel_optimizer_config: Optional[Dict[str, Any]] = None
+    pipeline_config: Optional[Dict[str, Any]] = None
+
+
+@dataclasses.dataclass
+class RecomputeConfig:
+    recompute: bool = False
+    select_recompute: Any = False
+    parallel_optimizer_comm_recompute: bool = False
+    mp_comm_recompute: bool = True
+    recompute_slice_activation: bool = True
+    select_comm_recompute: Any = False
+
+
+@dataclasses.dataclass
+class ModelSection:
+    model_config: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    arch: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"type": "LlamaForCausalLM"})
+
+
+@dataclasses.dataclass
+class CheckpointMonitorConfig:
+    prefix: str = "llama"
+    save_checkpoint_steps: int = 100
+    keep_checkpoint_max: int = 5
+    integrated_save: bool = False
+    async_save: bool = False
+    save_network_params: bool = False
+    save_trainable_params: bool = False
+    checkpoint_format: str = "ckpt"
+
+
+@dataclasses.dataclass
+class CallbacksConfig:
+    """MindFormers' `callbacks` list, folded into the two we act on."""
+    loss_monitor: bool = True
+    per_print_times: int = 1
+    checkpoint: Optional[CheckpointMonitorConfig] = None
+
+
+@dataclasses.dataclass
+class ContextConfig:
+    mode: int = 0               # 0 graph (compiled step), 1 PyNative
+    device_target: str = "CPU"
+    device_id: int = 0
+    max_device_memory: Optional[str] = None
+    enable_graph_kernel: bool = False
+    graph_kernel_flags: Optional[str] = None
+    max_call_depth: int = 10000
+    save_graphs: Any = False
+    save_graphs_path: str = "./graph"
+    jit_config: Optional[Dict[str, Any]] = None
+    memory_optimize_level: Optional[str] = None
+    runtime_num_threads: Optional[int] = None
+    ascend_config: Optional[Dict[str, Any]] = None
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    type: str = "LlamaTokenizer"
+    vocab_file: Optional[str] = None
+    unk_token: str = "<unk>"
+    bos_token: str = "<s>"
+    eos_token: str = "</s>"
+    pad_token: str = "<unk>"
+
+
+@dataclasses.dataclass
+class ProcessorConfig:
+    type: str = "LlamaProcessor"
+    return_tensors: str = "ms"
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    seed: int = 0
+    output_dir: str = "./output"
+    run_mode: str = "train"
+    load_checkpoint: Optional[str] = None
+    resume_training: Union[bool, str] = False
+    use_parallel: bool = False
+    do_eval: bool = False
+    eval_step_interval: int = -1
+    eval_epoch_interval: int = -1
+    runner_config: RunnerConfig = dataclasses.field(default_factory=RunnerConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    lr_schedule: LrScheduleConfig = dataclasses.field(default_factory=LrScheduleConfig)
+    train_dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
+    eval_dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
+    runner_wrapper: RunnerWrapperConfig = dataclasses.field(default_factory=RunnerWrapperConfig)
+    parallel_config: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    parallel: ParallelModeConfig = dataclasses.field(default_factory=ParallelModeConfig)
+    recompute_config: RecomputeConfig = dataclasses.field(default_factory=RecomputeConfig)
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    callbacks: CallbacksConfig = dataclasses.field(default_factory=CallbacksConfig)
+    context: ContextConfig = dataclasses.field(default_factory=ContextConfig)
+    processor: ProcessorConfig = dataclasses.field(default_factory=ProcessorConfig)
+    # Predict settings: HuggingFace generation_config.json keys; used by mindsft.predict.
+    generation_config: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    predict_data: Optional[Any] = None
+    template: Optional[str] = None
+    # LoRA: LLaMA-Factory spellings, passed through to mindsft.lora (MindFormers' is model_config.pet_config).
+    finetuning_type: str = "full"
+    lora_rank: Optional[int] = None
+    lora_alpha: Optional[float] = None
+    lora_dropout: Optional[float] = None
+    lora_target: Optional[Any] = None
+    # Accepted MindFormers keys with no effect on a CPU/GPU run.
+    trainer: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_dataset_task: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    eval_dataset_task: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    src_strategy_path_or_dir: Optional[str] = None
+    auto_trans_ckpt: bool = False
+    only_save_strategy: bool = False
+    micro_batch_interleave_num: int = 1
+    metric: Optional[Any] = None
+    eval_callbacks: Optional[Any] = None
+    moe_config: Optional[Dict[str, Any]] = None
+    profile: bool = False
+    profile_start_step: int = 1
+    profile_stop_step: int = 10
+    init_start_profile: bool = False
+    profile_communication: bool = False
+    profile_memory: bool = True
+    layer_scale: bool = False
+    layer_decay: float = 0.65
+    lr_scale: bool = False
+    lr_scale_factor: int = 256
+    auto_tune: bool = False
+    filepath_prefix: str = "./autotune"
+    autotune_per_step: int = 10
+
+    # Derived once by `load_run_config`, not YAML keys.
+    @property
+    def llama_config(self):
+        model_config = {k: v for k, v in self.model.model_config.items() if k != "pet_config"}
+        return LlamaConfig.from_mindformers(model_config)
+
+    @property
+    def pet_config(self):
+        return self.model.model_config.get("pet_config")
+
+    @property
+    def global_batch_size(self):
+        """Samples per optimizer step over all data-parallel ranks and accumulation micro-steps."""
+        dp = self.parallel_config.data_parallel if self.use_parallel else 1
+        return self.runner_config.batch_size * dp * self.runner_config.gradient_accumulation_steps
+
+    @property
+    def checkpoint_dir(self):
+        return os.path.join(self.output_dir, "checkpoint")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def nearest_hint(key, choices):
+    near = difflib.get_close_matches(str(key), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def unwrap_optional(tp):
+    """The non-None members of an Optional/Union type annotation."""
+    if typing.get_origin(tp) is Union:
+        return [a for a in typing.get_args(tp) if a is not type(None)]
+    return [tp]
+
+
+def coerce(value, tp, where):
+    """Convert a YAML or command-line value to the annotated type, or say which key is wrong."""
+    if value is None or tp is Any:
+        return value
+    members = unwrap_optional(tp)
+    if len(members) > 1:
+        # Union[dataclass, float] (scale_sense) or Union[bool, str] (resume_training).
+        for member in members:
+            if dataclasses.is_dataclass(member) and isinstance(value, dict):
+                return build(member, value, where)
+        for member in members:
+            try:
+                return coerce(value, member, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a valid value")
+    tp = members[0]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return build(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin in (list, List):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{where}: expected True or False, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if number != int(number):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(number)
+    if tp is float:
+        try:
+            return float(value)     # also "1e-5", which YAML 1.1 reads as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def build(cls, mapping, where):
+    """Instantiate dataclass `cls` from a mapping; unknown keys name the nearest known key."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in mapping.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key {path!r}{nearest_hint(key, fields)}")
+        kwargs[key] = coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def fold_callbacks(callbacks):
+    """MindFormers' list of `{type: ..., ...}` callbacks → CallbacksConfig."""
+    if isinstance(callbacks, dict):
+        return build(CallbacksConfig, callbacks, "callbacks")
+    folded = CallbacksConfig(loss_monitor=False)
+    for index, callback in enumerate(callbacks or []):
+        where = f"callbacks[{index}]"
+        if not isinstance(callback, dict) or "type" not in callback:
+            raise ConfigError(f"{where}: each callback is a mapping with a 'type'")
+        kind = callback["type"]
+        options = {k: v for k, v in callback.items() if k != "type"}
+        if kind == "MFLossMonitor":
+            folded.loss_monitor = True
+            if "per_print_times" in options:
+                folded.per_print_times = coerce(options.pop("per_print_times"), int, where + ".per_print_times")
+        elif kind == "CheckpointMonitor":
+            options.pop("directory", None)
+            folded.checkpoint = build(CheckpointMonitorConfig, options, where)
+        elif kind not in CALLBACK_TYPES:
+            raise ConfigError(f"{where}: unknown callback type {kind!r}{nearest_hint(kind, CALLBACK_TYPES)}")
+    return folded
+
+
+def set_dotted(raw, dotted_key, value):
+    """Set `a.b.c` in nested mappings (list items by index); intermediate keys must exist."""
+    parts = dotted_key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[:depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override --{dotted_key}: {where!r} is not an index of the list")
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict) or part not in node or node[part] is None:
+            if isinstance(node, dict) and part not in node and depth == 0 and part in RUN_CONFIG_SECTIONS:
+                node[part] = {}
+            else:
+                keys = list(node) if isinstance(node, dict) else []
+                raise ConfigError(f"override --{dotted_key}: no key {where!r} in the config{nearest_hint(part, keys)}")
+        node = node[part]
+    leaf = parts[-1]
+    if isinstance(node, list):
+        if not leaf.isdigit() or int(leaf) >= len(node):
+            raise ConfigError(f"override --{dotted_key}: {leaf!r} is not an index of the list")
+        node[int(leaf)] = value
+    else:
+        node[leaf] = value
+
+
+RUN_CONFIG_SECTIONS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def parse_override_value(text):
+    """Command-line text → YAML scalar (True, 3, [a, b]); numbers like 1e-5 stay text for coerce."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def build_run_config(raw):
+    """Typed RunConfig from a raw mapping (YAML contents with overrides applied), validated."""
+    raw = copy.deepcopy(raw or {})
+    callbacks = fold_callbacks(raw.pop("callbacks", None)) if "callbacks" in raw else CallbacksConfig()
+    config = build(RunConfig, raw, "")
+    config.callbacks = callbacks
+    validate(config)
+    return config
+
+
+def validate(config):
+    if config.run_mode not in RUN_MODES:
+        raise ConfigError(f"run_mode {config.run_mode!r} is not one of {', '.join(RUN_MODES)}"
+                          f"{nearest_hint(config.run_mode, RUN_MODES)}")
+    if config.optimizer.type not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.type {config.optimizer.type!r} is not supported "
+                          f"({', '.join(OPTIMIZERS)}){nearest_hint(config.optimizer.type, OPTIMIZERS)}")
+    if config.optimizer.betas is not None:
+        config.optimizer.beta1, config.optimizer.beta2 = (float(b) for b in config.optimizer.betas)
+    if config.lr_schedule.type not in LR_SCHEDULES:
+        raise ConfigError(f"lr_schedule.type {config.lr_schedule.type!r} is not one of {', '.join(LR_SCHEDULES)}"
+                          f"{nearest_hint(config.lr_schedule.type, LR_SCHEDULES)}")
+    for key in ("epochs", "batch_size", "gradient_accumulation_steps"):
+        if getattr(config.runner_config, key) < 1:
+            raise ConfigError(f"runner_config.{key} must be at least 1, got {getattr(config.runner_config, key)}")
+    for key in ("data_parallel", "model_parallel", "pipeline_stage", "micro_batch_num"):
+        if getattr(config.parallel_config, key) < 1:
+            raise ConfigError(f"parallel_config.{key} must be at least 1, got {getattr(config.parallel_config, key)}")
+    if not config.model.model_config:
+        raise ConfigError("model.model_config is empty: the model's shape must be given")
+    config.llama_config  # noqa: B018 - raises ConfigError on a bad model_config now, not mid-run
+
+
+def load_yaml(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return raw
+
+
+def load_run_config(path, overrides=None):
+    """Read a YAML run config and apply `{dotted.key: value}` overrides; returns a RunConfig."""
+    raw = load_yaml(path)
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, parse_override_value(value))
+    try:
+        return build_run_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,260 @@
+"""What a person watches during a run: a progress bar and one line per step on rank 0,
+`metrics.jsonl`, TensorBoard scalars, and a loss curve PNG at the end."""
+import json
+import math
+import os
+import struct
+import time
+import zlib
+
+from tqdm import tqdm
+
+
+def masked_crc32c(data):
+    """TFRecord framing checksum: CRC-32C, rotated and offset as TensorFlow does."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _crc32c_table():
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+CRC32C_TABLE = _crc32c_table()
+
+
+def _varint(value):
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def _field(number, wire_type, payload):
+    return _varint((number << 3) | wire_type) + payload
+
+
+def scalar_event(tag, value, step, wall_time):
+    """A serialized tensorflow Event{wall_time, step, summary{value{tag, simple_value}}}."""
+    tag_bytes = tag.encode()
+    summary_value = _field(1, 2, _varint(len(tag_bytes)) + tag_bytes) + _field(2, 5, struct.pack("<f", value))
+    summary = _field(1, 2, _varint(len(summary_value)) + summary_value)
+    return (_field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
+            + _field(5, 2, _varint(len(summary)) + summary))
+
+
+class TensorBoardWriter:
+    """Writes scalars to an `events.out.tfevents.*` file TensorBoard reads (no TensorFlow needed)."""
+
+    def __init__(self, log_dir):
+        os.makedirs(log_dir, exist_ok=True)
+        self.path = os.path.join(log_dir, f"events.out.tfevents.{int(time.time())}.mindsft")
+        self.file = open(self.path, "ab")
+        self._write(_field(1, 1, struct.pack("<d", time.time())) + _field(3, 2, _varint(13) + b"brain.Event:2"))
+
+    def _write(self, record):
+        header = struct.pack("<Q", len(record))
+        self.file.write(header + struct.pack("<I", masked_crc32c(header)) + record
+                        + struct.pack("<I", masked_crc32c(record)))
+
+    def scalars(self, step, values):
+        now = time.time()
+        for tag, value in values.items():
+            if value is not None and math.isfinite(value):
+                self._write(scalar_event(tag, float(value), step, now))
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def read_tensorboard_scalars(path):
+    """{tag: [(step, value)]} from an events file: the reader used by the tests and the plot."""
+    out = {}
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos < len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        record = data[pos + 12:pos + 12 + length]
+        if struct.unpack_from("<I", data, pos + 12 + length)[0] != masked_crc32c(record):
+            raise ValueError(f"{path}: record at byte {pos} fails its checksum")
+        pos += 16 + length
+        step, tag, value = _parse_event(record)
+        if tag is not None:
+            out.setdefault(tag, []).append((step, value))
+    return out
+
+
+def _read_varint(buf, pos):
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return result, pos
+
+
+def _parse_fields(buf):
+    pos, fields = 0, []
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos:pos + 8], pos + 8
+        elif wire == 5:
+            value, pos = buf[pos:pos + 4], pos + 4
+        else:
+            size, pos = _read_varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
+        fields.append((number, value))
+    return fields
+
+
+def _parse_event(record):
+    step, tag, value = 0, None, None
+    for number, payload in _parse_fields(record):
+        if number == 2:
+            step = payload
+        elif number == 5:
+            for _, summary_value in _parse_fields(payload):
+                for inner_number, inner in _parse_fields(summary_value):
+                    if inner_number == 1:
+                        tag = inner.decode()
+                    elif inner_number == 2:
+                        value = struct.unpack("<f", inner)[0]
+    return step, tag, value
+
+
+def format_seconds(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class TrainingMonitor:
+    """Per-step reporting. Only rank 0 prints and writes files; other ranks stay quiet."""
+
+    def __init__(self, output_dir, total_steps, start_step, is_main, print_every=1, resume=False):
+        self.is_main = is_main
+        self.total_steps = total_steps
+        self.print_every = max(print_every, 1)
+        self.started = None
+        self.steps_timed = 0
+        self.time_spent = 0.0
+        self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        if not is_main:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if not resume:
+            with open(self.metrics_path, "w"):
+                pass
+        else:
+            trim_metrics(self.metrics_path, start_step)
+        self.tensorboard = TensorBoardWriter(os.path.join(output_dir, "tensorboard"))
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log_step(self, record, step_seconds, first_step_of_run):
+        """Record one optimizer step; `record` has step, epoch, loss, lr, grad_norm, loss_scale, tokens, samples."""
+        if not first_step_of_run:
+            # The first step of a run compiles the graph: left out of speed and ETA.
+            self.steps_timed += 1
+            self.time_spent += step_seconds
+        mean_step = self.time_spent / self.steps_timed if self.steps_timed else step_seconds
+        record = dict(record, step_time_s=round(step_seconds, 4),
+                      tokens_per_s=record["tokens"] / step_seconds, samples_per_s=record["samples"] / step_seconds)
+        record["eta_s"] = round(mean_step * (self.total_steps - record["step"]), 1)
+        if not self.is_main:
+            return record
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.tensorboard.scalars(record["step"], {k: record[k] for k in
+                                                  ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s")})
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if record["step"] % self.print_every == 0 or record["step"] == self.total_steps:
+            self.bar.write(
+                f"step {record['step']}/{self.total_steps} epoch {record['epoch']} loss {record['loss']:.6f} "
+                f"lr {record['lr']:.3e} grad_norm {record['grad_norm']:.4f} loss_scale {record['loss_scale']:g} "
+                f"tokens/s {record['tokens_per_s']:.0f} samples/s {record['samples_per_s']:.2f} "
+                f"step_time {step_seconds * 1000:.0f} ms ETA {format_seconds(record['eta_s'])}")
+        return record
+
+    def log_eval(self, step, loss, perplexity):
+        if not self.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, "eval_loss": loss, "eval_perplexity": perplexity}) + "\n")
+        self.tensorboard.scalars(step, {"eval_loss": loss, "eval_perplexity": perplexity})
+        self.bar.write(f"eval at step {step}: loss {loss:.6f} perplexity {perplexity:.4f}")
+
+    def close(self):
+        if self.is_main:
+            self.bar.close()
+            self.tensorboard.close()
+
+
+def trim_metrics(path, start_step):
+    """On resume, drop lines for steps after the checkpoint so metrics.jsonl reads as one run."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    with open(path, "w") as f:
+        for line in lines:
+            if line.get("step", 0) <= start_step:
+                f.write(json.dumps(line) + "\n")
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss(metrics_path, output_path=None):
+    """Loss curve PNG beside metrics.jsonl (raw and smoothed, as LLaMA-Factory's plot_loss)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(metrics_path) if "loss" in r]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    output_path = output_path or os.path.join(os.path.dirname(metrics_path), "training_loss.png")
+    smoothed, last = [], losses[0]
+    # LLaMA-Factory's smoothing: EMA whose weight grows with the run length.
+    weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(losses))) - 0.5)
+    for value in losses:
+        last = last * weight + (1 - weight) * value
+        smoothed.append(last)
+    figure = plt.figure()
+    plt.plot(steps, losses, color="#1f77b4", alpha=0.4, label="original")
+    plt.plot(steps, smoothed, color="#1f77b4", label="smoothed")
+    plt.title(f"training loss of {os.path.dirname(os.path.abspath(metrics_path))}")
+    plt.xlabel("step")
+    plt.ylabel("loss")
+    plt.legend()
+    with_tmp = output_path + ".partial.png"
+    plt.savefig(with_tmp, format="png", dpi=100)
+    plt.close(figure)
+    os.replace(with_tmp, output_path)
+    return output_path

@@ -1,0 +1,181 @@
+"""The compiled training step: forward and backward on a micro-batch, all-reduce over
+data-parallel ranks, global-batch token normalisation, clipping, loss-scale check, AdamW.
+
+The loss of a step is sum(CE over learned tokens) / count(learned tokens), both summed over
+every micro-batch of every rank before the division. Gradients are taken of the *sum* and
+divided by the global count after the all-reduce, so 2 ranks x batch b, 1 rank x batch 2b and
+2 accumulation steps x batch b all compute the same update.
+"""
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+
+class AdamWUpdate(nn.Cell):
+    """MindFormers' AdamWeightDecay (no bias correction), fp32 moments named adam_m.*/adam_v.*.
+
+    Weight decay applies to matrices only: norms' scales are not decayed (MindFormers' filter).
+    """
+
+    def __init__(self, params, beta1, beta2, eps, weight_decay):
+        super().__init__()
+        self.params = params
+        self.moments_m = ParameterTuple(Parameter(ops.zeros(p.shape, ms.float32), name="adam_m." + p.name)
+                                        for p in params)
+        self.moments_v = ParameterTuple(Parameter(ops.zeros(p.shape, ms.float32), name="adam_v." + p.name)
+                                        for p in params)
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.decay = tuple(weight_decay if len(p.shape) >= 2 else 0.0 for p in params)
+
+    def state(self):
+        """{name: Parameter} of the optimizer moments, for checkpoints."""
+        return {p.name: p for p in tuple(self.moments_m) + tuple(self.moments_v)}
+
+    def construct(self, grads, lr, keep):
+        """Apply `grads`; where `keep` is False (an fp16 overflow) nothing changes."""
+        done = ()
+        for i in range(len(self.params)):
+            param, m, v, grad = self.params[i], self.moments_m[i], self.moments_v[i], grads[i].astype(ms.float32)
+            param32 = param.astype(ms.float32)
+            next_m = self.beta1 * m + (1.0 - self.beta1) * grad
+            next_v = self.beta2 * v + (1.0 - self.beta2) * grad * grad
+            update = next_m / (ops.sqrt(next_v) + self.eps)
+            if self.decay[i] > 0.0:
+                update = update + self.decay[i] * param32
+            next_param = param32 - lr * update
+            next_param = ops.select(keep, next_param, param32)
+            next_m = ops.select(keep, next_m, m)
+            next_v = ops.select(keep, next_v, v)
+            done += (ops.assign(param, next_param.astype(param.dtype)), ops.assign(m, next_m), ops.assign(v, next_v))
+        return done
+
+
+class TrainStep(nn.Cell):
+    """One optimizer step. `step(micro_batches, lr, scale)` → (loss, grad_norm, finite) as numbers.
+
+    With accumulation, each micro-batch's gradient sums into buffers (`accumulate`), and the
+    update (`apply_buffers`) runs once per step; without, one fused graph does both.
+    """
+
+    def __init__(self, model, params, optimizer, max_grad_norm=None, world_size=1, accumulation_steps=1,
+                 check_overflow=False):
+        super().__init__()
+        self.model = model
+        self.params = ParameterTuple(params)
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        self.world_size = world_size
+        self.check_overflow = check_overflow
+        self.grad_fn = ms.value_and_grad(self.scaled_loss_sum, None, self.params, has_aux=True)
+        if world_size > 1:
+            self.allreduce = ops.AllReduce()
+        self.accumulation_steps = accumulation_steps
+        if accumulation_steps > 1:
+            self.grad_buffers = ParameterTuple(Parameter(ops.zeros(p.shape, ms.float32), name="accum_grad." + p.name,
+                                                         requires_grad=False) for p in params)
+            self.accumulate = Accumulate(self)
+            self.apply_buffers = ApplyBuffers(self)
+
+    def scaled_loss_sum(self, input_ids, labels, scale):
+        loss_sum, count = self.model.loss_terms(input_ids, labels)
+        return loss_sum * scale, count
+
+    def update(self, grads, loss_sum, count, lr, scale):
+        """All-reduce, normalise by the global token count, clip, and apply the optimizer."""
+        if self.world_size > 1:
+            reduced = ()
+            for grad in grads:
+                reduced += (self.allreduce(grad),)
+            grads = reduced
+            loss_sum = self.allreduce(loss_sum)
+            count = self.allreduce(count)
+        tokens = ops.maximum(count, 1.0)
+        inverse = 1.0 / (tokens * scale)
+        normed = ()
+        for grad in grads:
+            normed += (grad.astype(ms.float32) * inverse,)
+        squares = ()
+        for grad in normed:
+            squares += (ops.sum(grad * grad),)
+        grad_norm = ops.sqrt(ops.addn(squares))
+        finite = ops.isfinite(grad_norm)
+        keep = finite if self.check_overflow else ops.ones((), ms.bool_)
+        if self.max_grad_norm is not None:
+            # MindFormers' ClipByGlobalNorm: g * max_norm / max(norm, max_norm).
+            factor = self.max_grad_norm / ops.maximum(grad_norm, self.max_grad_norm)
+            clipped = ()
+            for grad in normed:
+                clipped += (grad * factor,)
+            normed = clipped
+        done = self.optimizer(normed, lr, keep)
+        return ops.depend(loss_sum / tokens, done), ops.depend(grad_norm, done), finite
+
+    def construct(self, input_ids, labels, lr, scale):
+        (scaled_sum, count), grads = self.grad_fn(input_ids, labels, scale)
+        return self.update(grads, scaled_sum / scale, count, lr, scale)
+
+    def step(self, micro_batches, lr, scale):
+        lr_t = Tensor(lr, ms.float32)
+        scale_t = Tensor(scale, ms.float32)
+        if self.accumulation_steps == 1:
+            input_ids, labels = micro_batches[0]
+            loss, grad_norm, finite = self(Tensor(input_ids), Tensor(labels), lr_t, scale_t)
+        else:
+            loss_sum, count = 0.0, 0.0
+            for input_ids, labels in micro_batches:
+                part_sum, part_count = self.accumulate(Tensor(input_ids), Tensor(labels), scale_t)
+                loss_sum += float(part_sum.asnumpy())
+                count += float(part_count.asnumpy())
+            loss, grad_norm, finite = self.apply_buffers(Tensor(loss_sum, ms.float32), Tensor(count, ms.float32),
+                                                         lr_t, scale_t)
+        return float(loss.asnumpy()), float(grad_norm.asnumpy()), bool(finite.asnumpy())
+
+
+class Accumulate(nn.Cell):
+    """Adds one micro-batch's gradient of the (scaled) loss sum into the step's buffers."""
+
+    def __init__(self, train_step):
+        super().__init__()
+        self.train_step = train_step
+
+    def construct(self, input_ids, labels, scale):
+        (scaled_sum, count), grads = self.train_step.grad_fn(input_ids, labels, scale)
+        done = ()
+        for i in range(len(grads)):
+            done += (ops.assign_add(self.train_step.grad_buffers[i], grads[i].astype(ms.float32)),)
+        return ops.depend(scaled_sum / scale, done), count
+
+
+class ApplyBuffers(nn.Cell):
+    """Runs the update on the accumulated gradients, then empties the buffers."""
+
+    def __init__(self, train_step):
+        super().__init__()
+        self.train_step = train_step
+
+    def construct(self, loss_sum, count, lr, scale):
+        grads = ()
+        for buffer in self.train_step.grad_buffers:
+            grads += (buffer * 1.0,)
+        loss, grad_norm, finite = self.train_step.update(grads, loss_sum, count, lr, scale)
+        cleared = ()
+        for buffer in self.train_step.grad_buffers:
+            cleared += (ops.assign(buffer, ops.zeros_like(buffer)),)
+        return ops.depend(loss, cleared), ops.depend(grad_norm, cleared), finite
+
+
+class EvalStep(nn.Cell):
+    """(loss sum, learned-token count) of a batch, summed over data-parallel ranks."""
+
+    def __init__(self, model, world_size=1):
+        super().__init__()
+        self.model = model
+        self.world_size = world_size
+        if world_size > 1:
+            self.allreduce = ops.AllReduce()
+
+    def construct(self, input_ids, labels):
+        loss_sum, count = self.model.loss_terms(input_ids, labels)
+        if self.world_size > 1:
+            loss_sum = self.allreduce(loss_sum)
+            count = self.allreduce(count)
+        return loss_sum, count

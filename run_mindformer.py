@@ -1,0 +1,78 @@
+"""Train, fine-tune, evaluate or predict with a MindFormers-style YAML config.
+
+    python run_mindformer.py --config configs/llama2/finetune_llama2_7b.yaml \
+        --load_checkpoint model.ckpt --train_dataset_dir out/ --run_mode finetune
+    bash scripts/msrun_launcher.sh "run_mindformer.py --config ... --use_parallel True" 8
+
+Flags left out keep the YAML's value. Any YAML key can be overridden with a dotted flag
+(`--optimizer.learning_rate 1e-5`) or `--options k=v ...`.
+"""
+import argparse
+import sys
+
+from mindsft.config import RUN_MODES, load_run_config
+from mindsft.errors import MindsftError
+
+# Flag → the YAML key it sets (MindFormers' mapping).
+FLAG_KEYS = {
+    "run_mode": "run_mode", "load_checkpoint": "load_checkpoint", "output_dir": "output_dir",
+    "seed": "seed", "resume_training": "resume_training", "use_parallel": "use_parallel",
+    "train_dataset_dir": "train_dataset.data_loader.dataset_dir",
+    "eval_dataset_dir": "eval_dataset.data_loader.dataset_dir",
+    "epochs": "runner_config.epochs", "batch_size": "runner_config.batch_size",
+    "gradient_accumulation_steps": "runner_config.gradient_accumulation_steps",
+    "device_target": "context.device_target", "do_eval": "do_eval",
+    "predict_data": "predict_data",
+}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run config YAML (MindFormers' schema)")
+    parser.add_argument("--run_mode", choices=RUN_MODES, help="train | finetune (same loop) | eval | predict")
+    parser.add_argument("--load_checkpoint", help="weights to start from: a .ckpt, or a folder holding one")
+    parser.add_argument("--train_dataset_dir", help="folder of MindRecord files (llama_preprocess output)")
+    parser.add_argument("--eval_dataset_dir", help="folder of MindRecord files for eval")
+    parser.add_argument("--use_parallel", help="True under msrun: data parallel over the workers")
+    parser.add_argument("--output_dir", help="where checkpoints, metrics.jsonl and plots go")
+    parser.add_argument("--seed", help="seed of the data order and initialisation")
+    parser.add_argument("--resume_training", help="True: continue from the last step every rank saved "
+                                                  "(or a checkpoint folder)")
+    parser.add_argument("--epochs", help="runner_config.epochs")
+    parser.add_argument("--batch_size", help="runner_config.batch_size (per worker, per micro-step)")
+    parser.add_argument("--gradient_accumulation_steps", help="micro-steps per optimizer step")
+    parser.add_argument("--device_target", help="CPU, GPU or Ascend")
+    parser.add_argument("--do_eval", help="True: evaluate every eval_step_interval steps")
+    parser.add_argument("--predict_data", help="prompt text or file for run_mode predict")
+    parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE", help="dotted YAML overrides")
+    args, rest = parser.parse_known_args(argv)
+    overrides = {FLAG_KEYS[name]: value for name, value in vars(args).items()
+                 if name in FLAG_KEYS and value is not None}
+    for item in args.options:
+        if "=" not in item:
+            parser.error(f"--options takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = value
+    if len(rest) % 2:
+        parser.error(f"dotted overrides come in pairs (--a.b value): {' '.join(rest)}")
+    for flag, value in zip(rest[::2], rest[1::2]):
+        if not flag.startswith("--"):
+            parser.error(f"unexpected argument {flag!r}")
+        overrides[flag[2:]] = value
+    return args.config, overrides
+
+
+def main(argv=None):
+    config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_run_config(config_path, overrides)
+        from mindsft.train.recipe import run
+        run(config)
+    except MindsftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Helpers for the training tests: real MindRecord files, a real starting checkpoint, and
+running run_mindformer.py in-process, as a subprocess, or under real msrun workers."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_YAML = ROOT / "configs" / "llama2" / "finetune_llama_tiny_cpu.yaml"
+# Small enough that a whole run takes seconds on 2 cores.
+TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "n_kv_heads": 2, "intermediate_size": 64,
+              "vocab_size": 128, "seq_length": 16}
+
+
+def model_overrides(**extra):
+    return {f"model.model_config.{k}": v for k, v in {**TINY_MODEL, **extra}.items()}
+
+
+def write_qa_mindrecord(folder, num_records=16, seq_length=TINY_MODEL["seq_length"], vocab_size=128, seed=0,
+                        shard_num=2, dataset_type="qa"):
+    """Records of seq_length+1 tokens: a prompt (labels -100), an answer, then padding 0."""
+    from mindspore.mindrecord import FileWriter
+    from mindsft.data.schema import mindrecord_schema
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for _ in range(num_records):
+        length = seq_length + 1
+        used = int(rng.integers(length // 2, length + 1))
+        prompt = int(rng.integers(1, used // 2 + 1))
+        input_ids = np.zeros(length, np.int32)
+        input_ids[:used] = rng.integers(3, vocab_size, used)
+        input_ids[0] = 1
+        labels = np.full(length, -100, np.int32)
+        labels[prompt:used] = input_ids[prompt:used]
+        row = {"input_ids": input_ids}
+        if dataset_type == "qa":
+            row["labels"] = labels
+        rows.append(row)
+    writer = FileWriter(os.path.join(folder, "train.mindrecord"), shard_num=shard_num, overwrite=True)
+    writer.add_schema(mindrecord_schema(dataset_type), dataset_type)
+    writer.write_raw_data(rows)
+    writer.commit()
+    return folder
+
+
+def write_start_checkpoint(path, seed=0, **model):
+    """A random tiny Llama saved as a MindSpore .ckpt (the start of a fine-tuning run)."""
+    import mindspore as ms
+    from mindsft.models.llama import LlamaConfig
+    from mindsft.sample import random_llama_arrays
+    from mindsft.convert.names import hf_to_ms_name
+    config = LlamaConfig(**{**TINY_MODEL, **model})
+    arrays = {hf_to_ms_name(k): v for k, v in random_llama_arrays(config, seed).items()}
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], str(path))
+    return path
+
+
+def cli_args(output_dir, dataset_dir, load_checkpoint=None, **overrides):
+    args = ["--config", str(TINY_YAML), "--output_dir", str(output_dir), "--train_dataset_dir", str(dataset_dir)]
+    if load_checkpoint:
+        args += ["--load_checkpoint", str(load_checkpoint)]
+    for key, value in {**model_overrides(), **overrides}.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def env():
+    environment = dict(os.environ, GLOG_v="3", PYTHONPATH=str(ROOT))
+    environment["PATH"] = f"{Path(sys.executable).parent}:{environment['PATH']}"
+    return environment
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_python(args, timeout=300, cwd=ROOT):
+    """run_mindformer.py in a fresh process; returns CompletedProcess (text)."""
+    return subprocess.run([sys.executable, str(ROOT / "run_mindformer.py"), *args], cwd=cwd, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_msrun(args, log_dir, workers=2, timeout=400):
+    """run_mindformer.py under real msrun workers on this machine (one node)."""
+    command = ["msrun", f"--worker_num={workers}", f"--local_worker_num={workers}",
+               f"--master_port={free_port()}", f"--log_dir={log_dir}", "--join=True",
+               "--cluster_time_out=300", str(ROOT / "run_mindformer.py"), *args, "--use_parallel", "True"]
+    result = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def worker_logs(log_dir):
+    return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(Path(log_dir).glob("*.log")))
+
+
+def final_weights(output_dir, prefix="llama_tiny"):
+    import mindspore as ms
+    params = ms.load_checkpoint(str(Path(output_dir) / "checkpoint" / f"{prefix}_final.ckpt"))
+    return {k: v.asnumpy() for k, v in params.items()}
+
+
+def losses(output_dir):
+    from mindsft.train.monitor import read_metrics
+    return [r["loss"] for r in read_metrics(Path(output_dir) / "metrics.jsonl") if "loss" in r]
