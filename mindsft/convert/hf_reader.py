@@ -8,6 +8,7 @@ imported only then.
 """
 import json
 import os
+import re
 
 from mindsft.convert import dtypes
 from mindsft.convert.safetensors_format import read_safetensors
@@ -88,12 +89,11 @@ def open_torch_bin(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"{path}: refused, the pickle holds more than tensors and loading it could run "
-                           f"code ({first_line})") from None
+        raise ConvertError(f"{path}: refused, the pickle holds more than tensors and loading it could run code "
+                           f"({_torch_reason(e, 'WeightsUnpickler error:')})") from None
     except Exception as e:  # torch reports truncation as RuntimeError, a missing zip member as KeyError...
         raise ConvertError(f"{path} is truncated or corrupt, or not a torch.save file "
-                           f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+                           f"({type(e).__name__}: {_torch_reason(e)})") from None
     if not isinstance(state, dict):
         raise ConvertError(f"{path}: expected a state dict, found {type(state).__name__}")
     tensors = {}
@@ -103,6 +103,15 @@ def open_torch_bin(path):
         dtype = dtypes.from_torch(tensor.dtype, f"{path}: tensor {name}")
         tensors[name] = StoredTensor(name, dtype, tuple(tensor.shape), path, _torch_reader(tensor, dtype))
     return tensors
+
+
+def _torch_reason(error, marker=None):
+    """The informative sentence of torch's long multi-line load errors."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
+    chosen = next((line for line in lines if marker and marker in line), lines[0] if lines else "")
+    chosen = chosen.split(marker, 1)[-1].strip() if marker else chosen
+    return chosen.split(". ")[0].rstrip(".")
 
 
 def _torch_reader(tensor, dtype):
