@@ -89,14 +89,17 @@ def setup_context(config):
 # ---------------------------------------------------------------------------- model and weights
 
 def build_model(config):
+    """The Llama of `model.model_config`, with LoRA adapters when pet_config / finetuning_type asks."""
     model = LlamaForCausalLM(config.llama_config)
     if config.pet_config or config.finetuning_type == "lora":
-        try:
-            from mindsft import lora
-        except ImportError:
-            raise ConfigError("LoRA settings given (pet_config / finetuning_type lora) but mindsft.lora "
-                              "is not built yet") from None
-        model = lora.apply_lora(model, config)
+        from mindsft import lora
+        if config.pet_config:
+            lora_config = lora.LoraConfig.from_mindformers(config.pet_config)
+        else:
+            lora_config = lora.LoraConfig.from_llamafactory(
+                {k: getattr(config, k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target")
+                 if getattr(config, k) is not None})
+        lora.apply_lora(model, lora_config, seed=config.seed)
     return model
 
 
@@ -106,7 +109,7 @@ def load_weights(model, path):
     weights = {name: value for name, value in arrays.items()
                if not name.startswith(OPTIMIZER_STATE_PREFIXES) and name not in STATE_KEYS}
     # LoRA adapters are new parameters the base checkpoint cannot hold.
-    required = {p.name for p in model.get_parameters() if ".lora_" not in p.name}
+    required = {p.name for p in model.get_parameters() if "lora_" not in p.name}
     missing = sorted(required - set(weights))
     if missing:
         raise ConfigError(f"{path}: tensors missing for the model: {', '.join(missing)}")
