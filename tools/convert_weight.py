@@ -6,7 +6,7 @@
     python tools/convert_weight.py --model llama --reversed --input_path IN.ckpt --output_path HF_DIR \\
         (--config RUN.yaml | --hf_config config.json) [--tokenizer_dir DIR] [--max_shard_size 5GB]
 
-Command line compatible with MindFormers' convert_weight.py. Peak memory stays near one 64 MiB
+Command line compatible with MindFormers' convert_weight.py. Peak memory stays near one 16 MiB
 block whatever the model size; outputs appear only when complete.
 """
 import argparse

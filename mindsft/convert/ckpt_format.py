@@ -105,7 +105,10 @@ class _BlockQueue:
             piece = self._left[:length]
             self._left = self._left[length:]
             length -= len(piece)
+            if not len(self._left):
+                self._left = memoryview(b"")  # an empty slice would still pin the whole block
             yield piece
+            del piece
 
     def has_more(self):
         if len(self._left):

@@ -264,6 +264,19 @@ def _summary(direction, source, output, tensors, dtype, skipped, started):
         "dtype": dtype or "as stored",
         "skipped": dict(skipped),
         "seconds": time.time() - started,
-        # ru_maxrss is in KiB on Linux: the whole process's peak, imports included.
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def peak_rss_bytes():
+    """This process's peak resident memory, imports included."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork+exec, so a
+    # converter started from a big process would report the parent's peak.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -104,4 +104,5 @@ def convert(array, src, dst):
     values = _bf16_to_f32(array) if src == "bfloat16" else array
     if dst == "bfloat16":
         return _f32_to_bf16(values.astype(np.float32, copy=False))
-    return values.astype(storage(dst))
+    with np.errstate(over="ignore"):  # out-of-range values become ±inf, as in torch
+        return values.astype(storage(dst))

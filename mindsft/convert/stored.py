@@ -9,8 +9,9 @@ import numpy as np
 from mindsft.convert import dtypes
 from mindsft.errors import ConvertError
 
-# 64 MiB blocks: large enough that per-block overhead is noise, small against any memory budget.
-BLOCK_BYTES = 64 * 1024 * 1024
+# 16 MiB blocks: per-block overhead is already noise at this size (measured by bench/convert.py),
+# and a cast holds a few blocks' worth of temporaries at once.
+BLOCK_BYTES = 16 * 1024 * 1024
 
 
 @dataclasses.dataclass
@@ -62,5 +63,6 @@ def segment_reader(path, segments, dtype, where):
                     if got != block.nbytes:
                         raise ConvertError(f"{path} is truncated: {where} ends past the end of the file")
                     yield block
+                    del block  # before the next np.empty, so two blocks are never held
                     remaining -= count
     return read_blocks
