@@ -22,6 +22,8 @@ HF_IGNORED_KEYS = frozenset({
     "return_dict_in_generate", "output_attentions", "output_hidden_states", "num_return_sequences",
     "cache_implementation", "decoder_start_token_id", "low_memory", "renormalize_logits",
 })
+# MindFormers' model_config spelling of the same settings.
+MINDFORMERS_RENAMES = {"max_decode_length": "max_length"}
 
 
 @dataclasses.dataclass
@@ -70,6 +72,7 @@ class GenerationConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in dict(mapping or {}).items():
+            key = MINDFORMERS_RENAMES.get(key, key)
             if key in known:
                 kwargs[key] = value
             elif key not in HF_IGNORED_KEYS:

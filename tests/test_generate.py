@@ -156,3 +156,5 @@ def test_max_length_counts_the_prompt():
     assert config.new_token_budget(longest_prompt=12) == 8
     with pytest.raises(ConfigError, match="max_length 20"):
         config.new_token_budget(longest_prompt=20)
+    # MindFormers' max_decode_length is the same total length.
+    assert GenerationConfig.from_mapping({"max_decode_length": 20}).new_token_budget(12) == 8
