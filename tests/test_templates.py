@@ -112,3 +112,13 @@ def test_alpaca_prompt_keeps_braces_and_matches_stanford_format():
     assert alpaca_prompt("Add 1", "x") == ALPACA_PROMPT_INPUT.format_map({"instruction": "Add 1", "input": "x"})
     assert alpaca_prompt("Add 1") == ALPACA_PROMPT_NO_INPUT.format_map({"instruction": "Add 1"})
     assert "\n### Instruction:\nint f() { return {x}; }\n" in alpaca_prompt("int f() { return {x}; }", "{input}")
+
+
+def test_fast_byte_offsets_equal_sentencepiece_proto_offsets():
+    from mindsft.templates import byte_offsets
+    from mindsft.tokenizer import LlamaTokenizer
+    tokenizer = LlamaTokenizer(shared_file("tokenizers/llama2/tokenizer.model"))
+    for text in ["héllo ASSISTANT: ünï 1 2 \n foo 😀", "  leading spaces", "", "日本語のテキスト\t\tend "]:
+        ids, offsets = byte_offsets(tokenizer, text)
+        proto_ids, proto_offsets = tokenizer.encode_with_offsets(text)
+        assert list(ids) == list(proto_ids) and [tuple(o) for o in offsets] == [tuple(o) for o in proto_offsets]

@@ -1,0 +1,180 @@
+"""Throughput and peak memory of alpaca → MindRecord: mindsft (1 and 2 workers) beside MindFormers'
+per-sample method, reimplemented here from its llama_preprocess.py.
+
+The shared alpaca records are repeated to at least --records, converted, then preprocessed at
+--seq_length with the shared Llama 2 tokenizer. Each run is a fresh subprocess so its peak RSS is
+its own. MindFormers' tokenizer is stood in for by plain sentencepiece plus BOS/EOS, which is
+faster than its Python LlamaTokenizer: the ratios are conservative.
+
+    python bench/preprocess.py [--records 20000] [--seq_length 2048]
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("MINDSFT_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+ALPACA = os.path.join(SHARED, "data", "alpaca", "alpaca_en_demo.json")
+TOKENIZER = os.path.join(SHARED, "data", "tokenizers", "llama2", "tokenizer.model")
+IGNORE = -100
+
+
+def mindformers_run(alpaca_path, work_dir, seq_length):
+    """MindFormers' alpaca_converter + llama_preprocess qa path: all in memory, one process,
+    masks from token counts, one write_raw_data call per record."""
+    import numpy as np
+    import sentencepiece as spm
+    from fastchat.conversation import get_conv_template
+    from mindspore.mindrecord import FileWriter
+
+    prompt_input = ("Below is an instruction that describes a task, paired with an input that provides further "
+                    "context. Write a response that appropriately completes the request.\n\n"
+                    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+    prompt_no_input = ("Below is an instruction that describes a task. Write a response that appropriately "
+                       "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+    with open(alpaca_path) as f:
+        data = json.load(f)
+    converted = [{"id": str(i + 1), "conversations": [
+        {"from": "human", "value": (prompt_input if e.get("input", "") != "" else prompt_no_input).format_map(e)},
+        {"from": "gpt", "value": e["output"]}]} for i, e in enumerate(data)]
+    conv_path = os.path.join(work_dir, "conv.json")
+    with open(conv_path, "w") as f:
+        json.dump(converted, f, ensure_ascii=False, indent=2)
+
+    sp = spm.SentencePieceProcessor(model_file=TOKENIZER)
+
+    def tokenize(text):
+        return [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
+
+    length = seq_length + 1
+    with open(conv_path) as f:
+        raw = json.load(f)
+    conv = get_conv_template("vicuna_v1.1")
+    roles = {"human": conv.roles[0], "gpt": conv.roles[1]}
+    prompts = []
+    for example in raw:
+        conv.messages = []
+        for sentence in example["conversations"]:
+            conv.append_message(roles[sentence["from"]], sentence["value"])
+        prompts.append(conv.get_prompt())
+    sep = conv.sep + conv.roles[1] + ": "
+    input_ids, targets = [], []
+    for prompt in prompts:
+        rounds = prompt.split(conv.sep2)
+        ids = [sp.bos_id()]
+        for rou in rounds:
+            if rou == "":
+                break
+            ids.extend(tokenize(rou)[1:])
+        padded = ids + [0] * max(0, length - len(ids))
+        input_ids.append(padded[:length])
+        target = np.array(padded)
+        total_len = int(np.not_equal(target, 0).sum())
+        cur_len = 1
+        target[:cur_len] = IGNORE
+        for rou in rounds:
+            if rou == "":
+                break
+            parts = rou.split(sep)
+            if len(parts) != 2:
+                break
+            parts[0] += sep
+            round_len = len(tokenize(rou)) - 1
+            instruction_len = len(tokenize(parts[0])) - 3
+            target[cur_len:cur_len + instruction_len] = IGNORE
+            cur_len += round_len
+        target[cur_len:] = IGNORE
+        if cur_len < length:
+            if cur_len != total_len:
+                target[:] = IGNORE
+        else:
+            target = target[:length]
+        targets.append(target.tolist())
+    input_ids = np.array(input_ids, dtype=np.int32)
+    targets = np.array(targets, dtype=np.int32)
+    writer = FileWriter(os.path.join(work_dir, "mf.mindrecord"), shard_num=1, overwrite=True)
+    writer.add_schema({"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}, "qa")
+    for ids, labels in zip(input_ids, targets):
+        writer.write_raw_data([{"input_ids": ids, "labels": labels}])
+    writer.commit()
+    return len(input_ids), int(np.count_nonzero(input_ids)), int((targets == IGNORE).all(axis=1).sum())
+
+
+def mindsft_run(alpaca_path, work_dir, seq_length, workers):
+    from mindsft.data.alpaca import convert_alpaca
+    from mindsft.data.preprocess import PreprocessOptions, preprocess
+    conv_path = os.path.join(work_dir, "conv.json")
+    convert_alpaca(alpaca_path, conv_path)
+    stats = preprocess(PreprocessOptions(
+        input_glob=conv_path, model_file=TOKENIZER, output_file=os.path.join(work_dir, "ours.mindrecord"),
+        seq_length=seq_length, num_workers=workers, progress=False, command_line=["bench"]))
+    return stats["records_written"], stats["tokens"], 0
+
+
+def child(args):
+    import mindspore.mindrecord  # noqa: F401  (both methods need it; keep its import out of the timing)
+    import numpy  # noqa: F401
+    work_dir = tempfile.mkdtemp(prefix="bench-preprocess-")
+    try:
+        start = time.perf_counter()
+        if args.mode == "mindformers":
+            records, tokens, blanked = mindformers_run(args.alpaca, work_dir, args.seq_length)
+        else:
+            records, tokens, blanked = mindsft_run(args.alpaca, work_dir, args.seq_length, int(args.mode[-1]))
+        seconds = time.perf_counter() - start
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    main_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps(dict(records=records, tokens=tokens, blanked=blanked, seconds=seconds,
+                          main_rss_mb=main_rss, worker_rss_mb=worker_rss)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=20000, help="at least this many alpaca records")
+    parser.add_argument("--seq_length", type=int, default=2048)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--alpaca", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        return child(args)
+    for path in (ALPACA, TOKENIZER):
+        if not os.path.exists(path):
+            sys.exit(f"{path} is absent: this benchmark needs ../shared/data")
+    with open(ALPACA) as f:
+        base = json.load(f)
+    repeat = -(-args.records // len(base))
+    data_dir = tempfile.mkdtemp(prefix="bench-alpaca-")
+    alpaca = os.path.join(data_dir, "alpaca.json")
+    with open(alpaca, "w") as f:
+        json.dump(base * repeat, f, ensure_ascii=False)
+    print(f"{len(base) * repeat} alpaca records, seq_length {args.seq_length}, {os.cpu_count()} CPUs")
+    results = {}
+    try:
+        for mode in ("mindformers", "mindsft-workers-1", "mindsft-workers-2"):
+            out = subprocess.run([sys.executable, __file__, "--mode", mode, "--alpaca", alpaca,
+                                  "--seq_length", str(args.seq_length)], capture_output=True, text=True,
+                                 env={**os.environ, "GLOG_v": "3"})
+            if out.returncode:
+                sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
+            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    reference = results["mindformers"]
+    print(f"{'method':<20}{'records/s':>11}{'tokens/s':>12}{'seconds':>9}{'speed-up':>10}"
+          f"{'peak RSS MB':>13}{'worker RSS MB':>15}{'blanked':>9}")
+    for mode, r in results.items():
+        print(f"{mode:<20}{r['records'] / r['seconds']:>11.1f}{r['tokens'] / r['seconds']:>12.0f}{r['seconds']:>9.1f}"
+              f"{reference['seconds'] / r['seconds']:>9.2f}x{r['main_rss_mb']:>13.0f}{r['worker_rss_mb']:>15.0f}"
+              f"{r['blanked']:>9}")
+
+
+if __name__ == "__main__":
+    main()
