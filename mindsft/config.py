@@ -385,8 +385,23 @@ def fold_callbacks(callbacks):
     return folded
 
 
+def schema_has_section(parts):
+    """Whether the dotted path names a nested section of the typed schema (so it may be created)."""
+    cls = RunConfig
+    for part in parts:
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return False
+        members = [m for m in unwrap_optional(hints[part]) if dataclasses.is_dataclass(m)]
+        if not members:
+            return False
+        cls = members[0]
+    return True
+
+
 def set_dotted(raw, dotted_key, value):
-    """Set `a.b.c` in nested mappings (list items by index); intermediate keys must exist."""
+    """Set `a.b.c` in nested mappings (list items by index); intermediate keys must exist
+    (or be sections of the schema, created empty, as eval_dataset.data_loader)."""
     parts = dotted_key.split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
@@ -397,7 +412,7 @@ def set_dotted(raw, dotted_key, value):
             node = node[int(part)]
             continue
         if not isinstance(node, dict) or part not in node or node[part] is None:
-            if isinstance(node, dict) and part not in node and depth == 0 and part in RUN_CONFIG_SECTIONS:
+            if isinstance(node, dict) and schema_has_section(parts[:depth + 1]):
                 node[part] = {}
             else:
                 keys = list(node) if isinstance(node, dict) else []

@@ -17,7 +17,7 @@ class AdamWUpdate(nn.Cell):
     """
 
     def __init__(self, params, beta1, beta2, eps, weight_decay):
-        super().__init__()
+        super().__init__(auto_prefix=False)
         self.params = params
         self.moments_m = ParameterTuple(Parameter(ops.zeros(p.shape, ms.float32), name="adam_m." + p.name)
                                         for p in params)
@@ -58,7 +58,7 @@ class TrainStep(nn.Cell):
 
     def __init__(self, model, params, optimizer, max_grad_norm=None, world_size=1, accumulation_steps=1,
                  check_overflow=False):
-        super().__init__()
+        super().__init__(auto_prefix=False)
         self.model = model
         self.params = ParameterTuple(params)
         self.optimizer = optimizer
@@ -72,8 +72,9 @@ class TrainStep(nn.Cell):
         if accumulation_steps > 1:
             self.grad_buffers = ParameterTuple(Parameter(ops.zeros(p.shape, ms.float32), name="accum_grad." + p.name,
                                                          requires_grad=False) for p in params)
-            self.accumulate = Accumulate(self)
-            self.apply_buffers = ApplyBuffers(self)
+            # Kept off the cell tree: they hold this cell, and a cycle of child cells recurses forever.
+            object.__setattr__(self, "accumulate", Accumulate(self))
+            object.__setattr__(self, "apply_buffers", ApplyBuffers(self))
 
     def scaled_loss_sum(self, input_ids, labels, scale):
         loss_sum, count = self.model.loss_terms(input_ids, labels)
@@ -134,7 +135,7 @@ class Accumulate(nn.Cell):
     """Adds one micro-batch's gradient of the (scaled) loss sum into the step's buffers."""
 
     def __init__(self, train_step):
-        super().__init__()
+        super().__init__(auto_prefix=False)
         self.train_step = train_step
 
     def construct(self, input_ids, labels, scale):
@@ -149,7 +150,7 @@ class ApplyBuffers(nn.Cell):
     """Runs the update on the accumulated gradients, then empties the buffers."""
 
     def __init__(self, train_step):
-        super().__init__()
+        super().__init__(auto_prefix=False)
         self.train_step = train_step
 
     def construct(self, loss_sum, count, lr, scale):
@@ -167,7 +168,7 @@ class EvalStep(nn.Cell):
     """(loss sum, learned-token count) of a batch, summed over data-parallel ranks."""
 
     def __init__(self, model, world_size=1):
-        super().__init__()
+        super().__init__(auto_prefix=False)
         self.model = model
         self.world_size = world_size
         if world_size > 1:
