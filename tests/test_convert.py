@@ -13,7 +13,6 @@ import mindspore as ms
 from safetensors.torch import load_file as load_safetensors_torch
 
 from mindsft.convert import hf_to_ms, ms_to_hf, llama_config_from_yaml
-from mindsft.errors import ConvertError
 from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
 from mindsft.models.weights import assign_weights
 from tests.conftest import shared_file

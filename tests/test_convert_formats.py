@@ -3,7 +3,6 @@ CRC-trailed checkpoints, dtype casts as torch rounds them, shapes as the model h
 the command line, and streaming memory."""
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
