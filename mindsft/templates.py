@@ -13,6 +13,8 @@ import dataclasses
 import json
 import os
 
+import numpy as np
+
 from mindsft.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -302,13 +304,25 @@ def encode_segments(tokenizer, segments):
                 offset += size
             run_ids, offsets = byte_offsets(tokenizer, text)
             ids.extend(run_ids)
-            learned.extend(any(begin < span_end and end > span_begin for span_begin, span_end in spans)
-                           for begin, end in offsets)
+            learned.extend(overlap_mask(offsets, spans))
             run = []
         if segment is not None:
             ids.append(tokenizer.bos_id if segment.special == "bos" else tokenizer.eos_id)
             learned.append(segment.learned)
     return ids, learned
+
+
+def overlap_mask(offsets, spans):
+    """For each token's (begin, end), whether it overlaps any (begin, end) span: a list of bools."""
+    mask = np.zeros(len(offsets), dtype=bool)
+    if spans and len(offsets):
+        bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        # Token spans are sorted (non-decreasing begins and ends), so each span is a slice.
+        for span_begin, span_end in spans:
+            first = np.searchsorted(bounds[:, 1], span_begin, side="right")
+            stop = np.searchsorted(bounds[:, 0], span_end, side="left")
+            mask[first:stop] = True
+    return mask.tolist()
 
 
 def byte_offsets(tokenizer, text):
