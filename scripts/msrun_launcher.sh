@@ -65,8 +65,31 @@ ARGS=(--worker_num="$WORKER_NUM" --local_worker_num="$LOCAL_WORKER" --master_add
       --cluster_time_out="$CLUSTER_TIME_OUT")
 echo "msrun ${ARGS[*]} $COMMAND"
 # The command is word-split on purpose: it is a script with its arguments, as MindFormers' launcher takes it.
+# msrun starts a scheduler on every node whose MASTER_ADDR is one of its own addresses; for node
+# ranks > 0 on the master's machine (several "nodes" on one host) that second scheduler collides
+# with the first, so those workers are started here with the environment msrun would give them.
+local_master=$(python - "$MASTER_ADDR" <<'PY' 2>/dev/null
+import sys
+from mindspore.parallel.cluster.process_entity._utils import _is_local_ip
+print(_is_local_ip(sys.argv[1]))
+PY
+)
+if (( NODE_RANK > 0 )) && [[ "$local_master" == "True" ]]; then
+  pids=()
+  for (( i = 0; i < LOCAL_WORKER; i++ )); do
+    rank=$(( NODE_RANK * LOCAL_WORKER + i ))
+    # shellcheck disable=SC2086
+    MS_WORKER_NUM=$WORKER_NUM MS_SCHED_HOST=$MASTER_ADDR MS_SCHED_PORT=$MASTER_PORT MS_TOPO_TIMEOUT=$CLUSTER_TIME_OUT \
+      MS_ROLE=MS_WORKER MS_NODE_ID=$rank RANK_ID=$rank RANK_SIZE=$WORKER_NUM DEVICE_ID=$i \
+      python $COMMAND > "$LOG_DIR/worker_$rank.log" 2>&1 &
+    pids+=($!)
+  done
+  status=0
+  if [[ "$JOIN" == "True" ]]; then
+    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+  fi
 # shellcheck disable=SC2086
-if [[ "$JOIN" == "True" ]]; then
+elif [[ "$JOIN" == "True" ]]; then
   msrun "${ARGS[@]}" $COMMAND
   status=$?
 else
