@@ -64,14 +64,18 @@ def run_variant(args):
     first_step = time.perf_counter() - start
     for _ in range(args.warmup - 1):
         train_step(input_ids, labels).asnumpy()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         train_step(input_ids, labels).asnumpy()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     return {
         "variant": args.variant, "trainable": trainable, "total": total,
-        "step_s": float(np.median(times)), "first_step_s": first_step,
+        "step_s": float(np.median(times)),
+        "moments_mib": 2 * 4 * trainable / 2 ** 20,
+        # CPU seconds (all threads) per step: steadier than wall time on a shared machine.
+        "step_cpu_s": float(np.median(cpu_times)), "first_step_s": first_step,
         "tokens_per_s": args.batch * args.seq / float(np.median(times)),
         # ru_maxrss is in KiB on Linux.
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
@@ -99,7 +103,9 @@ def main(argv=None):
           f"{args.seq}; LoRA rank {args.rank} on all linear layers; median of {args.steps} compiled steps")
     print(f"{'':24s}{'full':>14s}{'lora':>14s}{'lora/full':>12s}")
     rows = [("trainable params", "trainable", "{:,d}"), ("all params", "total", "{:,d}"),
-            ("step time (s)", "step_s", "{:.3f}"), ("tokens/s", "tokens_per_s", "{:.0f}"),
+            ("step time (s)", "step_s", "{:.3f}"),
+            ("step CPU time (s)", "step_cpu_s", "{:.3f}"), ("tokens/s", "tokens_per_s", "{:.0f}"),
+            ("Adam moments (MiB)", "moments_mib", "{:.1f}"),
             ("first step, compile (s)", "first_step_s", "{:.1f}"), ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}")]
     for label, key, fmt in rows:
         ratio = lora[key] / full[key] if full[key] else float("nan")

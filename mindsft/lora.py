@@ -128,8 +128,8 @@ class LoraConfig:
                        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
                        "layer_replication": None, "trainable_token_indices": None}
         for key, plain in unsupported.items():
-            value = adapter_config.get(key, plain)
-            if value not in (plain, None, {}, []) and value != plain:
+            value = adapter_config.get(key)
+            if value not in (None, {}, []) and value != plain:
                 raise ConfigError(f"{source}: {key}={value!r} is not supported by mindsft's LoRA "
                                   f"(only plain LoRA on linear layers)")
         if module_names:
@@ -332,9 +332,8 @@ def merge_lora(model):
     return model
 
 
-def merge_adapter_arrays(base_arrays, adapter_arrays, lora_config, source="adapter"):
-    """{name: array} of base weights with the adapters {…mindpet_delta_lora_a/b: array} folded in."""
-    merged = dict(base_arrays)
+def adapted_modules(adapter_arrays, base_shapes, lora_config, source="adapter"):
+    """Names of the modules the adapters change, after checking each A/B pair fits its base weight."""
     modules = sorted({k.rsplit(".", 1)[0] for k in adapter_arrays if is_adapter_name(k)})
     if not modules:
         raise ConvertError(f"{source}: holds no LoRA adapter weights (*.{LORA_A} / *.{LORA_B})")
@@ -343,16 +342,24 @@ def merge_adapter_arrays(base_arrays, adapter_arrays, lora_config, source="adapt
         for name in (a_name, b_name):
             if name not in adapter_arrays:
                 raise ConvertError(f"{source}: {name} is missing (each adapter needs both A and B)")
-        if w_name not in base_arrays:
+        if w_name not in base_shapes:
             raise ConvertError(f"{source}: adapter on {module}, but the base has no tensor {w_name}")
-        lora_a, lora_b, weight = adapter_arrays[a_name], adapter_arrays[b_name], base_arrays[w_name]
-        if np.shape(lora_b)[0] != np.shape(weight)[0] or np.shape(lora_a)[1] != np.shape(weight)[1] \
-                or np.shape(lora_a)[0] != np.shape(lora_b)[1]:
-            raise ConvertError(f"{source}: {module}: A {np.shape(lora_a)} and B {np.shape(lora_b)} do not fit "
-                               f"the base weight {np.shape(weight)}")
-        if np.shape(lora_a)[0] != lora_config.rank:
-            raise ConvertError(f"{source}: {a_name} has rank {np.shape(lora_a)[0]}, config says {lora_config.rank}")
-        merged[w_name] = merged_weight(weight, lora_a, lora_b, lora_config.scaling)
+        a_shape, b_shape, w_shape = np.shape(adapter_arrays[a_name]), np.shape(adapter_arrays[b_name]), \
+            tuple(base_shapes[w_name])
+        if len(w_shape) != 2 or b_shape[0] != w_shape[0] or a_shape[1] != w_shape[1] or a_shape[0] != b_shape[1]:
+            raise ConvertError(f"{source}: {module}: A {a_shape} and B {b_shape} do not fit the base weight {w_shape}")
+        if a_shape[0] != lora_config.rank:
+            raise ConvertError(f"{source}: {a_name} has rank {a_shape[0]}, the LoRA config says {lora_config.rank}")
+    return modules
+
+
+def merge_adapter_arrays(base_arrays, adapter_arrays, lora_config, source="adapter"):
+    """{name: array} of base weights with the adapters {…mindpet_delta_lora_a/b: array} folded in."""
+    merged = dict(base_arrays)
+    shapes = {name: np.shape(value) for name, value in base_arrays.items()}
+    for module in adapted_modules(adapter_arrays, shapes, lora_config, source):
+        merged[f"{module}.weight"] = merged_weight(base_arrays[f"{module}.weight"], adapter_arrays[f"{module}.{LORA_A}"],
+                                                   adapter_arrays[f"{module}.{LORA_B}"], lora_config.scaling)
     return merged
 
 
@@ -436,56 +443,54 @@ def load_peft_adapter(model, adapter_dir, seed=0):
 
 
 # ---- files: the merge tool's work ---------------------------------------------------------------
+# Built on mindsft.convert's streaming readers and writers: only the adapted weights are held in
+# memory (in float32, one at a time), every other tensor is copied block by block in its own dtype,
+# so merging into a 7B bfloat16 base needs little more memory than one weight.
 
-def read_base_weights(path):
-    """({MindFormers name: array}, LlamaConfig or None) from a .ckpt or a HuggingFace model folder."""
+def _float32(stored):
+    """A StoredTensor's values as a float32 array (bfloat16 widened exactly)."""
+    return np.concatenate([block for block in stored.blocks("float32")]).reshape(stored.shape)
+
+
+def open_base_weights(path):
+    """({MindFormers name: StoredTensor} of the model weights, LlamaConfig or None, tokenizer folder or None)
+    for a .ckpt (optimizer state and adapters left out) or a HuggingFace model folder."""
+    from mindsft.convert.ckpt_format import read_ckpt
+    from mindsft.convert.hf_reader import find_weights, open_hf_weights, read_hf_config
     from mindsft.models.llama import LlamaConfig
+    path = os.fspath(path)
     if os.path.isdir(path):
-        from safetensors.numpy import load_file
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise ConvertError(f"{path}: no config.json (expected a HuggingFace model folder)")
-        with open(config_path, encoding="utf-8") as f:
-            config = LlamaConfig.from_hf(json.load(f), source=config_path)
-        index_path = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index_path):
-            with open(index_path, encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            files = ["model.safetensors"]
-        arrays = {}
-        for name in files:
-            file_path = os.path.join(path, name)
-            if not os.path.isfile(file_path):
-                raise ConvertError(f"{path}: {name} is missing")
-            for hf_name, value in load_file(file_path).items():
-                ms_name = hf_to_ms_name(hf_name)
-                if ms_name is not None:
-                    arrays[ms_name] = value
-        return arrays, config
+        weights_path, config_path = find_weights(path)
+        config = LlamaConfig.from_hf(read_hf_config(config_path), source=config_path)
+        tensors = {hf_to_ms_name(name): t for name, t in open_hf_weights(weights_path).items()
+                   if hf_to_ms_name(name) is not None}
+        return tensors, config, path
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: no such checkpoint file or HuggingFace folder")
-    try:
-        params = ms.load_checkpoint(path)
-    except Exception as exc:  # MindSpore raises ValueError/RuntimeError for damaged files
-        raise ConvertError(f"{path}: cannot be read as a MindSpore checkpoint: {exc}") from None
-    # Optimizer moments and counters ride along in training checkpoints; a base needs none of them.
-    arrays = {name: p.asnumpy() for name, p in params.items()
-              if not name.startswith(("adam_", "global_step", "learning_rate", "scale_sense", "epoch_num",
-                                      "step_num", "loss_scale", "current_iterator_step", "last_overflow"))}
-    return arrays, None
+    tensors, _ = read_ckpt(path)
+    return {name: t for name, t in tensors.items() if ms_to_hf_name(name) is not None}, None, None
+
+
+def read_base_weights(path):
+    """({MindFormers name: float32 array}, LlamaConfig or None) of a .ckpt or HuggingFace folder."""
+    tensors, config, _ = open_base_weights(path)
+    return {name: _float32(t) for name, t in tensors.items()}, config
 
 
 def read_adapter(path, lora_config=None):
     """(LoraConfig, {adapter name: array}) from a PEFT folder or an adapter .ckpt (which needs `lora_config`
     for alpha: a checkpoint holds the weights, not the scaling)."""
+    from mindsft.convert.ckpt_format import read_ckpt
+    path = os.fspath(path)
     if os.path.isdir(path):
         return read_peft_adapter(path)
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: no such adapter checkpoint or PEFT folder")
     if lora_config is None:
         raise ConfigError(f"{path}: an adapter checkpoint does not record lora_alpha; give the pet_config "
                           "(or --lora_rank/--lora_alpha) it was trained with")
-    arrays, _ = read_base_weights(path)
-    return lora_config, {k: v for k, v in arrays.items() if is_adapter_name(k)}
+    tensors, _ = read_ckpt(path)
+    return lora_config, {name: _float32(t) for name, t in tensors.items() if is_adapter_name(name)}
 
 
 def save_ms_checkpoint(arrays, path):
@@ -498,47 +503,55 @@ def save_ms_checkpoint(arrays, path):
     return path
 
 
-def save_hf_folder(arrays, config, output_dir, tokenizer_from=None):
-    """Write a HuggingFace Llama folder (model.safetensors, config.json) that transformers loads."""
-    from safetensors.numpy import save_file
-    hf_arrays = {}
-    for name, value in arrays.items():
-        hf_name = ms_to_hf_name(name)
-        if hf_name is None:
-            raise ConvertError(f"{output_dir}: no HuggingFace name for tensor {name!r}")
-        hf_arrays[hf_name] = np.ascontiguousarray(value)
-    with atomic_output(output_dir) as tmp:
-        os.makedirs(tmp)
-        save_file(hf_arrays, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config.to_hf(), f, indent=2)
-        if tokenizer_from:
-            import shutil
-            for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                         "special_tokens_map.json", "generation_config.json"):
-                if os.path.isfile(os.path.join(tokenizer_from, name)):
-                    shutil.copy2(os.path.join(tokenizer_from, name), os.path.join(tmp, name))
-    return output_dir
+def _write_merged_ckpt(tensors, adapter_arrays, modules, scaling, path, progress):
+    from tqdm import tqdm
+    from mindsft.convert import dtypes
+    from mindsft.convert.ckpt_format import CkptWriter
+    adapted = {f"{m}.weight": m for m in modules}
+    with atomic_output(path) as tmp, CkptWriter(tmp) as writer:
+        for name, stored in tqdm(tensors.items(), desc="merge", unit="tensor", disable=not progress):
+            if name in adapted:
+                module = adapted[name]
+                weight = merged_weight(_float32(stored), adapter_arrays[f"{module}.{LORA_A}"],
+                                       adapter_arrays[f"{module}.{LORA_B}"], scaling)
+                blocks = [dtypes.convert(weight.reshape(-1), "float32", stored.dtype)]
+            else:
+                blocks = stored.blocks()
+            writer.write(name, stored.dtype, stored.shape, blocks)
+    return path
 
 
-def merge_lora_files(base, adapter, output=None, hf_output=None, lora_config=None, model_config=None):
+def merge_lora_files(base, adapter, output=None, hf_output=None, lora_config=None, model_config=None,
+                     progress=True):
     """Fold an adapter (PEFT folder or .ckpt) into base weights (.ckpt or HuggingFace folder).
 
-    Writes a MindSpore checkpoint at `output` and/or a HuggingFace folder at `hf_output` (which
-    needs the model config: read from a HuggingFace base, else `model_config`). Returns the
-    names of the merged weights.
+    Writes a MindSpore checkpoint at `output` and/or a HuggingFace folder at `hf_output` (through
+    mindsft.convert's ckpt→HF conversion; the model config comes from a HuggingFace base, else
+    `model_config`). Weights keep their dtype. Returns the names of the merged weights.
     """
+    import tempfile
+    from mindsft.convert.convert import TOKENIZER_FILES, ms_to_hf
     if not output and not hf_output:
         raise ConfigError("merge_lora: give an output checkpoint, a HuggingFace output folder, or both")
-    base_arrays, base_config = read_base_weights(base)
+    tensors, base_config, tokenizer_dir = open_base_weights(base)
+    if tokenizer_dir and not any(os.path.isfile(os.path.join(tokenizer_dir, n)) for n in TOKENIZER_FILES):
+        tokenizer_dir = None
     lora_config, adapter_arrays = read_adapter(adapter, lora_config)
-    merged = merge_adapter_arrays(base_arrays, adapter_arrays, lora_config, source=str(adapter))
+    modules = adapted_modules(adapter_arrays, {n: t.shape for n, t in tensors.items()}, lora_config,
+                              source=os.fspath(adapter))
+    config = base_config or model_config
+    if hf_output and config is None:
+        raise ConfigError("merge_lora: a HuggingFace output needs the model config: give the run's YAML "
+                          "(model.model_config) or use a HuggingFace folder as the base")
     if output:
-        save_ms_checkpoint(merged, output)
+        _write_merged_ckpt(tensors, adapter_arrays, modules, lora_config.scaling, output, progress)
     if hf_output:
-        config = base_config or model_config
-        if config is None:
-            raise ConfigError("merge_lora: a HuggingFace output needs the model config: give the run's YAML "
-                              "(model.model_config) or use a HuggingFace folder as the base")
-        save_hf_folder(merged, config, hf_output, tokenizer_from=base if os.path.isdir(base) else None)
-    return sorted({k.rsplit(".", 1)[0] + ".weight" for k in adapter_arrays})
+        if output:
+            ms_to_hf(output, hf_output, config, tokenizer_dir=tokenizer_dir, progress=progress)
+        else:
+            folder = os.path.dirname(os.path.abspath(os.fspath(hf_output)))
+            with tempfile.TemporaryDirectory(prefix=".merge-", dir=folder) as scratch:
+                merged_ckpt = os.path.join(scratch, "merged.ckpt")
+                _write_merged_ckpt(tensors, adapter_arrays, modules, lora_config.scaling, merged_ckpt, progress)
+                ms_to_hf(merged_ckpt, hf_output, config, tokenizer_dir=tokenizer_dir, progress=progress)
+    return [f"{m}.weight" for m in modules]

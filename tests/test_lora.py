@@ -350,3 +350,27 @@ def test_loading_adapters_that_do_not_fit_names_every_offending_tensor():
     with pytest.raises(ConvertError, match=r"adapters missing: model\.layers\.1\.attention\.wq\.mindpet_delta_lora_a"
                                            r".*model\.layers\.0\.attention\.wq\.mindpet_delta_lora_b \(48, 3\)"):
         load_adapter_state(model, arrays, source="x.ckpt")
+
+
+def test_merge_keeps_a_bfloat16_base_in_bfloat16_and_folds_as_peft_within_one_rounding(tiny_hf_dir, tmp_path):
+    base = transformers.LlamaForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.bfloat16)
+    base.save_pretrained(tmp_path / "bf16")
+    _, config = read_base_weights(str(tiny_hf_dir))
+    model = LlamaForCausalLM(config)
+    apply_lora(model, LoraConfig(rank=4, alpha=8, target_modules=".*wq|.*w2"))
+    randomize_lora_b(model)
+    save_peft_adapter(model, tmp_path / "adapter")
+    assert merge_main(["--base", str(tmp_path / "bf16"), "--adapter", str(tmp_path / "adapter"),
+                       "--hf_output", str(tmp_path / "merged")]) == 0
+    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto")
+    reference = peft.PeftModel.from_pretrained(
+        transformers.LlamaForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32), tmp_path / "adapter")
+    reference = reference.merge_and_unload()
+    for name, param in merged.state_dict().items():
+        assert param.dtype == torch.bfloat16, name
+        want = reference.state_dict()[name].to(torch.bfloat16).float()
+        # B·A summed in another order can land a float32 value either side of a bfloat16 rounding
+        # boundary: at most one bfloat16 step (2⁻⁷ relative) apart, and rarely.
+        differ = param.float() != want
+        assert float(differ.float().mean()) < 0.01, name
+        assert torch.all((param.float() - want).abs() <= want.abs() * 2 ** -7), name
