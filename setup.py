@@ -15,6 +15,7 @@ setup(
         "pyyaml",
         "tqdm",
         "jinja2",
+        "matplotlib",  # the loss curve PNG at the end of a training run
         "jieba==0.42.1",  # word segmentation for ROUGE, as LLaMA-Factory scores
     ],
     extras_require={
