@@ -95,6 +95,13 @@ def test_unknown_lora_target_names_the_known_projections():
         LoraConfig.from_llamafactory({"lora_target": "q_porj"})
 
 
+def test_mindformers_exclude_layers_skips_matching_cells_and_everything_inside():
+    model = mindsft_twin(random_hf_llama())
+    chosen = apply_lora(model, LoraConfig.from_mindformers(
+        {"pet_type": "lora", "lora_rank": 2, "target_modules": ".*wq|.*w1", "exclude_layers": ["0", "feed_forward"]}))
+    assert chosen == ["model.layers.1.attention.wq"]
+
+
 def test_target_matching_nothing_is_an_error():
     model = mindsft_twin(random_hf_llama())
     with pytest.raises(ConfigError, match="matches no linear layer"):
