@@ -22,7 +22,10 @@ FLAG_KEYS = {
     "epochs": "runner_config.epochs", "batch_size": "runner_config.batch_size",
     "gradient_accumulation_steps": "runner_config.gradient_accumulation_steps",
     "device_target": "context.device_target", "do_eval": "do_eval",
-    "predict_data": "predict_data",
+    "predict_data": "predict_data", "template": "template",
+    "max_new_tokens": "generation_config.max_new_tokens", "do_sample": "generation_config.do_sample",
+    "temperature": "generation_config.temperature", "top_k": "generation_config.top_k",
+    "top_p": "generation_config.top_p",
 }
 
 
@@ -43,7 +46,15 @@ def parse_args(argv):
     parser.add_argument("--gradient_accumulation_steps", help="micro-steps per optimizer step")
     parser.add_argument("--device_target", help="CPU, GPU or Ascend")
     parser.add_argument("--do_eval", help="True: evaluate every eval_step_interval steps")
-    parser.add_argument("--predict_data", help="prompt text or file for run_mode predict")
+    parser.add_argument("--predict_data", help="run_mode predict: a prompt, a .txt (one prompt a line), "
+                                               "or a .json/.jsonl of alpaca/ShareGPT records")
+    parser.add_argument("--template", help="prompt template for predict (default: the one the training "
+                                           "data used; 'raw' for plain completion)")
+    parser.add_argument("--max_new_tokens", help="generation_config.max_new_tokens")
+    parser.add_argument("--do_sample", help="generation_config.do_sample (False: greedy)")
+    parser.add_argument("--temperature", help="generation_config.temperature")
+    parser.add_argument("--top_k", help="generation_config.top_k")
+    parser.add_argument("--top_p", help="generation_config.top_p")
     parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE", help="dotted YAML overrides")
     args, rest = parser.parse_known_args(argv)
     overrides = {FLAG_KEYS[name]: value for name, value in vars(args).items()

@@ -392,9 +392,11 @@ def schema_has_section(parts):
         hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
         if part not in hints:
             return False
-        members = [m for m in unwrap_optional(hints[part]) if dataclasses.is_dataclass(m)]
+        types = unwrap_optional(hints[part])
+        members = [m for m in types if dataclasses.is_dataclass(m)]
         if not members:
-            return False
+            # A free-form mapping section (generation_config) may be created, as its leaf's parent.
+            return part == parts[-1] and any(typing.get_origin(t) is dict for t in types)
         cls = members[0]
     return True
 

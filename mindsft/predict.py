@@ -228,3 +228,62 @@ def write_predict_outputs(output_dir, predictions, metrics):
     with atomic_output(os.path.join(output_dir, RESULTS_FILE)) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2, ensure_ascii=False)
+
+
+DEFAULT_TEMPLATE = "vicuna_v1.1"   # llama_preprocess's default
+
+
+def resolve_template(config):
+    """The template the model was trained with: --template / YAML, else the training run's
+    run_summary.json beside the checkpoint, else the train dataset's manifest, else vicuna_v1.1."""
+    if config.template:
+        return config.template, "config"
+    if config.load_checkpoint:
+        folder = os.path.abspath(config.load_checkpoint)
+        folder = folder if os.path.isdir(folder) else os.path.dirname(folder)
+        for _ in range(3):
+            summary_path = os.path.join(folder, "run_summary.json")
+            if os.path.isfile(summary_path):
+                with open(summary_path, encoding="utf-8") as f:
+                    template = json.load(f).get("template")
+                if template:
+                    return template, summary_path
+            folder = os.path.dirname(folder)
+    dataset_dir = config.train_dataset.data_loader.dataset_dir
+    if dataset_dir:
+        from mindsft.data.schema import dataset_manifest
+        template = (dataset_manifest(dataset_dir) or {}).get("template")
+        if template:
+            return template, dataset_dir
+    return DEFAULT_TEMPLATE, "default"
+
+
+def run(config):
+    """run_mode predict from a run config: build the model, load `load_checkpoint`, answer
+    `predict_data` in the training template, write the outputs to `output_dir`."""
+    from mindsft.errors import ConfigError
+    from mindsft.tokenizer import LlamaTokenizer
+    from mindsft.train import checkpoint as ckpt
+    from mindsft.train.recipe import build_model, load_weights, setup_context
+
+    if config.predict_data is None:
+        raise ConfigError("run_mode predict needs --predict_data (a prompt, a .txt or a .json/.jsonl file)")
+    if not config.load_checkpoint:
+        raise ConfigError("run_mode predict needs --load_checkpoint (the trained or converted .ckpt)")
+    tokenizer_file = config.processor.tokenizer.vocab_file
+    if not tokenizer_file:
+        raise ConfigError("run_mode predict needs the tokenizer: set processor.tokenizer.vocab_file "
+                          "(--processor.tokenizer.vocab_file PATH/tokenizer.model)")
+    tokenizer = LlamaTokenizer(tokenizer_file)
+    template_name, source = resolve_template(config)
+    print(f"template: {template_name} (from {source})")
+    setup_context(dataclasses.replace(config, use_parallel=False))
+    model = build_model(config)
+    load_weights(model, ckpt.find_weights_file(config.load_checkpoint))
+    result = run_predict(model, tokenizer, config.predict_data, config.generation_config, template_name,
+                         output_dir=config.output_dir)
+    metrics = result["metrics"]
+    print(f"prefill {metrics['prefill_tokens_per_second']:.1f} tokens/s, "
+          f"decode {metrics['decode_tokens_per_second']:.1f} tokens/s; "
+          f"predictions: {os.path.join(config.output_dir, PREDICTIONS_FILE)}")
+    return result

@@ -23,9 +23,19 @@ TINY_CONFIG = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, n_
 
 
 def sample_texts(path=SAMPLE_ALPACA):
+    """The sample's records as the default template renders them, so the tokenizer trained on them
+    also knows the prompt wrapper (else the wrapper falls back to bytes and records run long)."""
+    from mindsft.templates import alpaca_prompt, get_template
+
     with open(path, encoding="utf-8") as f:
         records = json.load(f)
-    return [" ".join(r[k] for k in ("instruction", "input", "output") if r.get(k)) for r in records]
+    template = get_template("vicuna_v1.1")
+    texts = []
+    for r in records:
+        messages = [{"role": "user", "content": alpaca_prompt(r["instruction"], r.get("input", ""))},
+                    {"role": "assistant", "content": r["output"]}]
+        texts.append(template.render_prompt(messages[:1]) + " " + r["output"])
+    return texts
 
 
 def train_tokenizer(texts, output_path, vocab_size=512):

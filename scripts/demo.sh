@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The whole pipeline on the built-in sample, on 2 CPU workers, in a few minutes:
 # a tiny random HuggingFace Llama → MindSpore checkpoint → alpaca → conversations → MindRecord
-# → full fine-tuning over msrun (2 workers) → loss curve, and back to a HuggingFace folder.
+# → full fine-tuning over msrun (2 workers) → loss curve → generation from the fine-tuned
+# checkpoint, and back to a HuggingFace folder.
 # Usage: bash scripts/demo.sh [WORK_DIR]   (default: demo_output)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [[ -z "${VIRTUAL_ENV:-}" && -f .venv/bin/activate ]]; then . .venv/bin/activate; fi
+if [[ -z "${VIRTUAL_ENV:-}" ]]; then
+  echo "== 0. environment (.venv)"
+  bash scripts/setup_env.sh
+  . .venv/bin/activate
+fi
 export GLOG_v=${GLOG_v:-3}
 WORK=${1:-demo_output}
 mkdir -p "$WORK"
@@ -30,7 +35,7 @@ python tools/llama_preprocess.py --dataset_type qa --input_glob "$WORK/alpaca-co
 echo "== 5. full fine-tuning on 2 workers with msrun"
 bash scripts/msrun_launcher.sh "run_mindformer.py --config configs/llama2/finetune_llama_tiny_cpu.yaml \
     --run_mode finetune --load_checkpoint $WORK/tiny-llama.ckpt --train_dataset_dir $WORK/mindrecord \
-    --output_dir $WORK/output --use_parallel True --batch_size 2 --epochs 3" \
+    --output_dir $WORK/output --use_parallel True --batch_size 2 --epochs 6" \
     2 8118 "$WORK/msrun_log" True 600
 tail -n 4 "$WORK/msrun_log/worker_0.log"
 
@@ -39,5 +44,12 @@ python tools/convert_weight.py --reversed --input_path "$WORK/output/checkpoint/
     --output_path "$WORK/tiny-llama-finetuned-hf" --hf_config "$WORK/tiny-llama-hf/config.json" \
     --tokenizer_dir "$WORK/tiny-llama-hf"
 
+echo "== 7. ask the fine-tuned model (in the template its training data used)"
+python run_mindformer.py --config configs/llama2/finetune_llama_tiny_cpu.yaml --run_mode predict \
+    --load_checkpoint "$WORK/output/checkpoint/llama_tiny_final.ckpt" \
+    --processor.tokenizer.vocab_file "$WORK/tiny-llama-hf/tokenizer.model" \
+    --predict_data "What is the capital of France?" --max_new_tokens 24 --output_dir "$WORK/predict"
+
 echo "done: loss curve $WORK/output/training_loss.png, metrics $WORK/output/metrics.jsonl,"
+echo "      predictions $WORK/predict/generated_predictions.jsonl,"
 echo "      fine-tuned model $WORK/tiny-llama-finetuned-hf"

@@ -36,3 +36,22 @@ def mindrecord_files(dataset_dir):
     if not files:
         raise DataError(f"{path}: no MindRecord files (names ending in 'mindrecord' or 'mindrecordN')")
     return files
+
+
+def dataset_manifest(dataset_path):
+    """The stats JSON llama_preprocess wrote beside a dataset (`<output_file>.stats.json`), or None.
+
+    It records the template the records were rendered with, so a run trained on them asks its
+    questions in the same template.
+    """
+    import json
+
+    path = os.fspath(dataset_path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if not os.path.isdir(folder):
+        return None
+    manifests = sorted(name for name in os.listdir(folder) if name.endswith(".stats.json"))
+    if not manifests:
+        return None
+    with open(os.path.join(folder, manifests[0]), encoding="utf-8") as f:
+        return json.load(f)

@@ -13,6 +13,7 @@ import time
 import mindspore as ms
 from mindspore import Tensor
 
+from mindsft.data.schema import dataset_manifest
 from mindsft.errors import ConfigError, MindsftError
 from mindsft.models.llama import LlamaForCausalLM
 from mindsft.models.weights import assign_weights
@@ -284,9 +285,17 @@ def update_loss_scale(state, finite, scaling):
         state["good_steps"] = 0
 
 
+def training_template(config):
+    """The prompt template of the training data: the config's, else the one llama_preprocess recorded."""
+    if config.template:
+        return config.template
+    manifest = dataset_manifest(config.train_dataset.data_loader.dataset_dir) or {}
+    return manifest.get("template")
+
+
 def write_run_summary(config, data, total_steps, world_size, model):
     os.makedirs(config.output_dir, exist_ok=True)
-    summary = {"records": data.num_records, "dropped_per_epoch": data.dropped_per_epoch,
+    summary = {"template": training_template(config), "records": data.num_records, "dropped_per_epoch": data.dropped_per_epoch,
                "global_batch": data.global_batch, "steps_per_epoch": data.steps_per_epoch,
                "total_steps": total_steps, "workers": world_size,
                "trainable_params": sum(int(p.size) for p in model.trainable_params()),
