@@ -9,11 +9,10 @@ before each reply.
 Messages are `[{"role": "user" | "assistant" | "system", "content": str}]`: an optional system
 message first, then user and assistant turns alternating, starting with the user.
 """
+import bisect
 import dataclasses
 import json
 import os
-
-import numpy as np
 
 from mindsft.errors import ConfigError, DataError
 
@@ -314,15 +313,17 @@ def encode_segments(tokenizer, segments):
 
 def overlap_mask(offsets, spans):
     """For each token's (begin, end), whether it overlaps any (begin, end) span: a list of bools."""
-    mask = np.zeros(len(offsets), dtype=bool)
-    if spans and len(offsets):
-        bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        # Token spans are sorted (non-decreasing begins and ends), so each span is a slice.
-        for span_begin, span_end in spans:
-            first = np.searchsorted(bounds[:, 1], span_begin, side="right")
-            stop = np.searchsorted(bounds[:, 0], span_end, side="left")
-            mask[first:stop] = True
-    return mask.tolist()
+    mask = [False] * len(offsets)
+    if not spans:
+        return mask
+    # Token spans are sorted (non-decreasing begins and ends), so each span covers a slice.
+    begins = [begin for begin, _ in offsets]
+    ends = [end for _, end in offsets]
+    for span_begin, span_end in spans:
+        first = bisect.bisect_right(ends, span_begin)
+        stop = bisect.bisect_left(begins, span_end)
+        mask[first:stop] = [True] * max(0, stop - first)
+    return mask
 
 
 def byte_offsets(tokenizer, text):

@@ -84,27 +84,39 @@ def encode_conversation(tokenizer, template, messages):
     return encode_segments(tokenizer, template.segments(messages))
 
 
-def qa_record(ids, learned, seq_length, pad_id, drop_overlong=False):
-    """(record or None, outcome): the padded `input_ids`/`labels` of `seq_length + 1` tokens.
+def cut_conversation(ids, learned, seq_length, drop_overlong=False):
+    """(input_ids, labels, outcome) of one conversation cut to `seq_length + 1` tokens, unpadded.
 
-    outcome is "written", "truncated", "dropped_overlong" or "dropped_no_learned_token".
+    outcome is "written", "truncated", "dropped_overlong" or "dropped_no_learned_token" (then the
+    arrays are None): a sample is never written with no learned token.
     """
     length = record_length(seq_length)
     outcome = "written"
     if len(ids) > length:
         if drop_overlong:
-            return None, "dropped_overlong"
+            return None, None, "dropped_overlong"
         ids, learned, outcome = ids[:length], learned[:length], "truncated"
     ids = np.asarray(ids, dtype=np.int32)
     learned = np.asarray(learned, dtype=bool)
     if not learned.any():
-        return None, "dropped_no_learned_token"
+        return None, None, "dropped_no_learned_token"
+    return ids, np.where(learned, ids, IGNORE_INDEX).astype(np.int32), outcome
+
+
+def pad_record(ids, labels, seq_length, pad_id):
+    """The MindRecord row: right-padded with `pad_id` (input_ids) and -100 (labels)."""
+    length = record_length(seq_length)
     input_ids = np.full(length, pad_id, dtype=np.int32)
-    labels = np.full(length, IGNORE_INDEX, dtype=np.int32)
+    padded_labels = np.full(length, IGNORE_INDEX, dtype=np.int32)
     input_ids[:len(ids)] = ids
-    labels[:len(ids)] = np.where(learned, ids, IGNORE_INDEX)
-    # num_tokens rides along for the stats (the pad id 0 is also <unk>, so it cannot be counted back).
-    return {"input_ids": input_ids, "labels": labels, "num_tokens": len(ids)}, outcome
+    padded_labels[:len(labels)] = labels
+    return {"input_ids": input_ids, "labels": padded_labels}
+
+
+def qa_record(ids, learned, seq_length, pad_id, drop_overlong=False):
+    """(padded record or None, outcome) of one tokenized conversation."""
+    ids, labels, outcome = cut_conversation(ids, learned, seq_length, drop_overlong)
+    return (None if ids is None else pad_record(ids, labels, seq_length, pad_id)), outcome
 
 
 _WORKER = {}
@@ -125,8 +137,9 @@ def _qa_task(chunk):
         except DataError as err:
             out.append((path, index, "error", str(err)))
             continue
-        record, outcome = qa_record(ids, learned, _WORKER["seq_length"], tokenizer.pad_id, _WORKER["drop_overlong"])
-        out.append((path, index, outcome, record))
+        # Unpadded arrays cross the process boundary: padding here would send ~8x the bytes.
+        ids, labels, outcome = cut_conversation(ids, learned, _WORKER["seq_length"], _WORKER["drop_overlong"])
+        out.append((path, index, outcome, (ids, labels)))
     return out
 
 
@@ -205,11 +218,11 @@ def _qa_records(options, stats, pad_id):
                     continue
                 if outcome == "truncated" and first_pass:
                     stats.note("truncated", path, index, f"longer than {record_length(options.seq_length)} tokens")
+                ids, labels = payload
                 stats.counts["records_written"] += 1
-                labels = payload["labels"]
-                stats.counts["tokens"] += payload["num_tokens"]
+                stats.counts["tokens"] += len(ids)
                 stats.counts["learned_tokens"] += int(np.count_nonzero(labels != IGNORE_INDEX))
-                yield payload
+                yield pad_record(ids, labels, options.seq_length, pad_id)
             bar.update(len(results))
 
 
