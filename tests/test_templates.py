@@ -122,3 +122,18 @@ def test_fast_byte_offsets_equal_sentencepiece_proto_offsets():
         ids, offsets = byte_offsets(tokenizer, text)
         proto_ids, proto_offsets = tokenizer.encode_with_offsets(text)
         assert list(ids) == list(proto_ids) and [tuple(o) for o in offsets] == [tuple(o) for o in proto_offsets]
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1.1", "llama-2"])
+def test_inference_prompt_ids_are_a_prefix_of_the_training_ids(name):
+    from mindsft.templates import encode_segments
+    from mindsft.tokenizer import LlamaTokenizer
+    tokenizer = LlamaTokenizer(shared_file("tokenizers/llama2/tokenizer.model"))
+    template = get_template(name)
+    for messages in sharegpt_conversations()[:100]:
+        ids, learned = encode_segments(tokenizer, template.segments(messages))
+        for end in range(1, len(messages), 2):
+            prompt_ids = template.encode_prompt(tokenizer, messages[:end])
+            # the prompt's tokens open the training ids; learning starts on the very next token
+            assert ids[:len(prompt_ids)] == prompt_ids
+            assert not learned[len(prompt_ids) - 1] and learned[len(prompt_ids)]
