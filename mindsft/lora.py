@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-from typing import Optional
 
 import numpy as np
 import mindspore as ms
