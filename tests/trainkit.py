@@ -80,9 +80,9 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def run_python(args, timeout=300, cwd=ROOT):
-    """run_mindformer.py in a fresh process; returns CompletedProcess (text)."""
-    return subprocess.run([sys.executable, str(ROOT / "run_mindformer.py"), *args], cwd=cwd, env=env(),
+def run_python(args, timeout=300, cwd=ROOT, script=ROOT / "run_mindformer.py"):
+    """run_mindformer.py (or another script) in a fresh process; returns CompletedProcess (text)."""
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

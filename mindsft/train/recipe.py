@@ -101,7 +101,12 @@ def build_model(config):
                 {k: getattr(config, k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target")
                  if getattr(config, k) is not None})
         lora.apply_lora(model, lora_config, seed=config.seed)
+        print(lora.parameter_report(model)[2])
     return model
+
+
+def uses_lora(model):
+    return getattr(model, "lora_config", None) is not None
 
 
 def load_weights(model, path):
@@ -249,16 +254,27 @@ def train(config):
     final_path = None
     if is_main:
         prefix = checkpoint_settings.prefix if checkpoint_settings else "llama"
-        final_path = ckpt.save_weights(save_params(model, checkpoint_settings),
-                                       os.path.join(checkpoint_dir, f"{prefix}_final.ckpt"))
+        if uses_lora(model):
+            from mindsft import lora
+            final_path = ckpt.save_weights(save_params(model, checkpoint_settings),
+                                           os.path.join(checkpoint_dir, f"{prefix}_final_lora.ckpt"))
+            peft_dir = os.path.join(config.output_dir, "peft_adapter")
+            lora.save_peft_adapter(model, peft_dir)
+            print(f"LoRA adapters: {final_path} (PEFT format: {peft_dir}); merge into the base with "
+                  f"tools/merge_lora.py --base {config.load_checkpoint or 'BASE.ckpt'} --adapter {peft_dir} "
+                  f"--output merged.ckpt")
+        else:
+            final_path = ckpt.save_weights(save_params(model, checkpoint_settings),
+                                           os.path.join(checkpoint_dir, f"{prefix}_final.ckpt"))
         png = plot_loss(monitor.metrics_path)
         print(f"final weights: {final_path}\nmetrics: {monitor.metrics_path}\nloss curve: {png}")
     return {"final_loss": loss, "steps": state["global_step"], "final_checkpoint": final_path}
 
 
 def save_params(model, checkpoint_settings):
-    """What a checkpoint holds: every weight, or only the trainable ones (LoRA adapters)."""
-    if checkpoint_settings and checkpoint_settings.save_trainable_params:
+    """What a checkpoint holds: every weight, or only the trainable ones (always so under LoRA:
+    the frozen base is the load_checkpoint it started from, and adapters are a small fraction)."""
+    if uses_lora(model) or (checkpoint_settings and checkpoint_settings.save_trainable_params):
         return model.trainable_params()
     return model.get_parameters()
 
@@ -266,7 +282,7 @@ def save_params(model, checkpoint_settings):
 def save_state(config, checkpoint_dir, rank, model, optimizer, state, epoch, step_in_epoch):
     settings = config.callbacks.checkpoint
     ckpt.save_training_checkpoint(
-        checkpoint_dir, rank, settings.prefix, state["global_step"], list(model.get_parameters()),
+        checkpoint_dir, rank, settings.prefix, state["global_step"], list(save_params(model, settings)),
         optimizer.state(), {"global_step": state["global_step"], "loss_scale": float(state["loss_scale"]),
                             "good_steps": state["good_steps"], "epoch_num": epoch, "step_num": step_in_epoch},
         keep_max=settings.keep_checkpoint_max)
