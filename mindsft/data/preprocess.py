@@ -32,7 +32,7 @@ from mindsft.files import atomic_output
 from mindsft.templates import IGNORE_INDEX, encode_segments, get_template
 from mindsft.tokenizer import LlamaTokenizer
 
-CHUNK_RECORDS = 64  # records per task sent to a worker: big enough to amortise pickling
+CHUNK_RECORDS = 256  # records per worker task: 64 measured ~10% slower with 2 workers (pickling, IPC)
 
 
 @dataclasses.dataclass
@@ -271,7 +271,7 @@ def _wiki_records(options, stats, pad_id):
     pieces = []
     bar = tqdm(total=len(paragraphs), unit="para", desc="tokenizing", disable=not options.progress, file=sys.stderr)
     with bar:
-        for results in _map_in_order(_wiki_task, _chunked(paragraphs, CHUNK_RECORDS * 4), options):
+        for results in _map_in_order(_wiki_task, _chunked(paragraphs, CHUNK_RECORDS), options):
             pieces.extend(results)
             bar.update(len(results))
     content = np.concatenate(pieces * options.repeat) if pieces else np.zeros(0, np.int32)
