@@ -68,8 +68,10 @@ def test_stats_json_names_template_tokenizer_and_counts(sample, tmp_path):
     assert stats["records_written"] + stats["dropped"] + stats["skipped"] == 75
 
 
-def test_same_bytes_with_one_and_two_workers(sample, tmp_path):
+def test_same_bytes_with_one_and_two_workers(sample, tmp_path, monkeypatch):
     folder, model_file = sample
+    import mindsft.data.preprocess
+    monkeypatch.setattr(mindsft.data.preprocess, "CHUNK_RECORDS", 8)  # many chunks, out-of-order finishes
     run(tmp_path, model_file, folder / "conv.json", name="w1/d.mindrecord", num_workers=1)
     run(tmp_path, model_file, folder / "conv.json", name="w2/d.mindrecord", num_workers=2)
     one = (tmp_path / "w1/d.mindrecord").read_bytes()
