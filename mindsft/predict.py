@@ -264,7 +264,8 @@ def run(config):
     from mindsft.errors import ConfigError
     from mindsft.tokenizer import LlamaTokenizer
     from mindsft.train import checkpoint as ckpt
-    from mindsft.train.recipe import build_model, load_weights, setup_context
+    import mindspore as ms
+    from mindsft.train.recipe import build_model, load_weights
 
     if config.predict_data is None:
         raise ConfigError("run_mode predict needs --predict_data (a prompt, a .txt or a .json/.jsonl file)")
@@ -277,7 +278,10 @@ def run(config):
     tokenizer = LlamaTokenizer(tokenizer_file)
     template_name, source = resolve_template(config)
     print(f"template: {template_name} (from {source})")
-    setup_context(dataclasses.replace(config, use_parallel=False))
+    # Generation compiles its own steps with ms.jit; only an accelerator needs selecting.
+    if config.context.device_target != "CPU":
+        ms.set_device(config.context.device_target)
+    ms.set_seed(config.seed)
     model = build_model(config)
     load_weights(model, ckpt.find_weights_file(config.load_checkpoint))
     result = run_predict(model, tokenizer, config.predict_data, config.generation_config, template_name,
