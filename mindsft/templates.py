@@ -301,7 +301,7 @@ def encode_segments(tokenizer, segments):
                 if s.learned:
                     spans.append((offset, offset + size))
                 offset += size
-            run_ids, offsets = byte_offsets(tokenizer, text)
+            run_ids, offsets = tokenizer.encode_with_offsets(text)
             ids.extend(run_ids)
             learned.extend(overlap_mask(offsets, spans))
             run = []
@@ -324,17 +324,6 @@ def overlap_mask(offsets, spans):
         stop = bisect.bisect_left(begins, span_end)
         mask[first:stop] = [True] * max(0, stop - first)
     return mask
-
-
-def byte_offsets(tokenizer, text):
-    """Token ids and UTF-8 byte spans of `text`, by sentencepiece's C++ offset mapping."""
-    # The 'proto' route of LlamaTokenizer.encode_with_offsets parses protobuf in Python once
-    # MindSpore is imported (it selects the pure-Python protobuf): 30x slower than this path.
-    try:
-        out = tokenizer.sp.encode(text, return_type="offset_mapping", return_bytes=True)
-    except (TypeError, ValueError, AttributeError):  # sentencepiece without offset_mapping
-        return tokenizer.encode_with_offsets(text)
-    return out["ids"], out["offsets"]
 
 
 TEMPLATES = {t.name: t for t in (VicunaTemplate(), Llama2Template(), ChatMLTemplate(),

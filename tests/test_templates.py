@@ -114,14 +114,16 @@ def test_alpaca_prompt_keeps_braces_and_matches_stanford_format():
     assert "\n### Instruction:\nint f() { return {x}; }\n" in alpaca_prompt("int f() { return {x}; }", "{input}")
 
 
-def test_fast_byte_offsets_equal_sentencepiece_proto_offsets():
-    from mindsft.templates import byte_offsets
+def test_token_offsets_equal_sentencepiece_proto_offsets():
+    import sentencepiece as spm
     from mindsft.tokenizer import LlamaTokenizer
-    tokenizer = LlamaTokenizer(shared_file("tokenizers/llama2/tokenizer.model"))
+    path = shared_file("tokenizers/llama2/tokenizer.model")
+    tokenizer = LlamaTokenizer(path)
+    reference = spm.SentencePieceProcessor(model_file=str(path))
     for text in ["héllo ASSISTANT: ünï 1 2 \n foo 😀", "  leading spaces", "", "日本語のテキスト\t\tend "]:
-        ids, offsets = byte_offsets(tokenizer, text)
-        proto_ids, proto_offsets = tokenizer.encode_with_offsets(text)
-        assert list(ids) == list(proto_ids) and [tuple(o) for o in offsets] == [tuple(o) for o in proto_offsets]
+        proto = reference.encode(text, out_type="proto")
+        assert tokenizer.encode_with_offsets(text) == ([p.id for p in proto.pieces],
+                                                        [(p.begin, p.end) for p in proto.pieces])
 
 
 @pytest.mark.parametrize("name", ["vicuna_v1.1", "llama-2"])
