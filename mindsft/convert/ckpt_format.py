@@ -17,30 +17,12 @@ from typing import List, Tuple
 from mindsft.convert import dtypes
 from mindsft.convert.stored import StoredTensor, segment_reader
 from mindsft.errors import ConvertError
+from mindsft.protowire import I32, I64, LEN, VARINT, len_field_head, varint
 
 # MindSpore's own slice size (serialization.SLICE_SIZE, 512 MiB), so its loader sees what it writes.
 CHUNK_BYTES = 512 * 1024 * 1024
 _CRC_TRAILER = b"crc_num"
 _CRC_TRAILER_BYTES = len(_CRC_TRAILER) + 10
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-
-
-def _varint(value):
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _len_field(number, length):
-    return _varint(number << 3 | _LEN) + _varint(length)
-
-
 class CkptWriter:
     """Write a `.ckpt` one tensor at a time: `write(name, dtype, shape, blocks)`.
 
@@ -58,16 +40,16 @@ class CkptWriter:
         total = math.prod(shape) * item
         chunk = max(item, self.chunk_bytes - self.chunk_bytes % item)
         tag = name.encode("utf-8")
-        dims = b"".join(_varint(1 << 3 | _VARINT) + _varint(int(d)) for d in shape)
+        dims = b"".join(varint(1 << 3 | VARINT) + varint(int(d)) for d in shape)
         type_code = dtypes.ckpt_code(dtype).encode("ascii")
         pending = _BlockQueue(iter(blocks))
         start = 0
         while True:
             length = min(chunk, total - start)
-            tensor_head = dims + _len_field(2, len(type_code)) + type_code + _len_field(3, length)
+            tensor_head = dims + len_field_head(2, len(type_code)) + type_code + len_field_head(3, length)
             tensor_len = len(tensor_head) + length
-            value_head = _len_field(1, len(tag)) + tag + _len_field(2, tensor_len)
-            self._file.write(_len_field(1, len(value_head) + tensor_len) + value_head + tensor_head)
+            value_head = len_field_head(1, len(tag)) + tag + len_field_head(2, tensor_len)
+            self._file.write(len_field_head(1, len(value_head) + tensor_len) + value_head + tensor_head)
             for piece in pending.take(length):
                 self._file.write(piece)
                 if on_bytes:
@@ -144,11 +126,11 @@ class _Reader:
                 raise ConvertError(f"{self.path} is corrupt near byte {self.f.tell()} (not a MindSpore checkpoint?)")
 
     def skip(self, wire, end):
-        if wire == _VARINT:
+        if wire == VARINT:
             self.varint(end)
-        elif wire in (_I64, _I32):
-            self.f.seek(8 if wire == _I64 else 4, 1)
-        elif wire == _LEN:
+        elif wire in (I64, I32):
+            self.f.seek(8 if wire == I64 else 4, 1)
+        elif wire == LEN:
             self.f.seek(self.varint(end), 1)
         else:
             raise ConvertError(f"{self.path} is corrupt near byte {self.f.tell()} (not a MindSpore checkpoint?)")
@@ -161,16 +143,16 @@ def _parse_tensor(reader, end):
     while reader.f.tell() < end:
         key = reader.varint(end)
         number, wire = key >> 3, key & 7
-        if number == 1 and wire == _VARINT:
+        if number == 1 and wire == VARINT:
             dims.append(reader.varint(end))
-        elif number == 1 and wire == _LEN:  # packed dims
+        elif number == 1 and wire == LEN:  # packed dims
             stop = reader.f.tell() + reader.varint(end)
             while reader.f.tell() < stop:
                 dims.append(reader.varint(stop))
-        elif number == 2 and wire == _LEN:
+        elif number == 2 and wire == LEN:
             length = reader.varint(end)
             tensor_type = reader.f.read(length).decode("utf-8", "replace")
-        elif number == 3 and wire == _LEN:
+        elif number == 3 and wire == LEN:
             length = reader.varint(end)
             content = (reader.f.tell(), length)
             reader.f.seek(length, 1)
@@ -196,7 +178,7 @@ def read_ckpt_entries(path):
         while f.tell() < size:
             at = f.tell()
             key = reader.varint(size)
-            if key != (1 << 3 | _LEN):
+            if key != (1 << 3 | LEN):
                 raise ConvertError(f"{path} is corrupt at byte {at}: not a MindSpore checkpoint "
                                    "(or an encrypted one, which is not supported)")
             value_end = reader.varint(size)
@@ -208,12 +190,12 @@ def read_ckpt_entries(path):
             while f.tell() < value_end:
                 field = reader.varint(value_end)
                 number, wire = field >> 3, field & 7
-                if number == 1 and wire == _LEN:
+                if number == 1 and wire == LEN:
                     tag = f.read(reader.varint(value_end)).decode("utf-8", "replace")
-                elif number == 2 and wire == _LEN:
+                elif number == 2 and wire == LEN:
                     tensor_end = reader.varint(value_end) + f.tell()
                     tensor = _parse_tensor(reader, tensor_end)
-                elif number == 3 and wire == _LEN:
+                elif number == 3 and wire == LEN:
                     tensor = ([], "maptensor", None)
                     reader.skip(wire, value_end)
                 else:

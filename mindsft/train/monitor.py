@@ -5,9 +5,10 @@ import math
 import os
 import struct
 import time
-import zlib
 
 from tqdm import tqdm
+
+from mindsft.protowire import field, parse_fields, varint
 
 
 def masked_crc32c(data):
@@ -32,29 +33,13 @@ def _crc32c_table():
 CRC32C_TABLE = _crc32c_table()
 
 
-def _varint(value):
-    out = bytearray()
-    while True:
-        bits = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
-
-
-def _field(number, wire_type, payload):
-    return _varint((number << 3) | wire_type) + payload
-
-
 def scalar_event(tag, value, step, wall_time):
     """A serialized tensorflow Event{wall_time, step, summary{value{tag, simple_value}}}."""
     tag_bytes = tag.encode()
-    summary_value = _field(1, 2, _varint(len(tag_bytes)) + tag_bytes) + _field(2, 5, struct.pack("<f", value))
-    summary = _field(1, 2, _varint(len(summary_value)) + summary_value)
-    return (_field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-            + _field(5, 2, _varint(len(summary)) + summary))
+    summary_value = field(1, 2, varint(len(tag_bytes)) + tag_bytes) + field(2, 5, struct.pack("<f", value))
+    summary = field(1, 2, varint(len(summary_value)) + summary_value)
+    return (field(1, 1, struct.pack("<d", wall_time)) + field(2, 0, varint(step))
+            + field(5, 2, varint(len(summary)) + summary))
 
 
 class TensorBoardWriter:
@@ -64,7 +49,7 @@ class TensorBoardWriter:
         os.makedirs(log_dir, exist_ok=True)
         self.path = os.path.join(log_dir, f"events.out.tfevents.{int(time.time())}.mindsft")
         self.file = open(self.path, "ab")
-        self._write(_field(1, 1, struct.pack("<d", time.time())) + _field(3, 2, _varint(13) + b"brain.Event:2"))
+        self._write(field(1, 1, struct.pack("<d", time.time())) + field(3, 2, varint(13) + b"brain.Event:2"))
 
     def _write(self, record):
         header = struct.pack("<Q", len(record))
@@ -100,43 +85,14 @@ def read_tensorboard_scalars(path):
     return out
 
 
-def _read_varint(buf, pos):
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return result, pos
-
-
-def _parse_fields(buf):
-    pos, fields = 0, []
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
-        else:
-            size, pos = _read_varint(buf, pos)
-            value, pos = buf[pos:pos + size], pos + size
-        fields.append((number, value))
-    return fields
-
-
 def _parse_event(record):
     step, tag, value = 0, None, None
-    for number, payload in _parse_fields(record):
+    for number, payload in parse_fields(record):
         if number == 2:
             step = payload
         elif number == 5:
-            for _, summary_value in _parse_fields(payload):
-                for inner_number, inner in _parse_fields(summary_value):
+            for _, summary_value in parse_fields(payload):
+                for inner_number, inner in parse_fields(summary_value):
                     if inner_number == 1:
                         tag = inner.decode()
                     elif inner_number == 2:
