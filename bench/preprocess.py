@@ -19,6 +19,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 SHARED = os.environ.get("MINDSFT_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 ALPACA = os.path.join(SHARED, "data", "alpaca", "alpaca_en_demo.json")
 TOKENIZER = os.path.join(SHARED, "data", "tokenizers", "llama2", "tokenizer.model")
@@ -29,9 +30,8 @@ def mindformers_run(alpaca_path, work_dir, seq_length):
     """MindFormers' alpaca_converter + llama_preprocess qa path: all in memory, one process,
     masks from token counts, one write_raw_data call per record."""
     import numpy as np
-    import sentencepiece as spm
-    from fastchat.conversation import get_conv_template
     from mindspore.mindrecord import FileWriter
+    from data_helpers import mindformers_qa  # the same reimplementation the parity tests check
 
     prompt_input = ("Below is an instruction that describes a task, paired with an input that provides further "
                     "context. Write a response that appropriately completes the request.\n\n"
@@ -47,57 +47,9 @@ def mindformers_run(alpaca_path, work_dir, seq_length):
     with open(conv_path, "w") as f:
         json.dump(converted, f, ensure_ascii=False, indent=2)
 
-    sp = spm.SentencePieceProcessor(model_file=TOKENIZER)
-
-    def tokenize(text):
-        return [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
-
-    length = seq_length + 1
     with open(conv_path) as f:
         raw = json.load(f)
-    conv = get_conv_template("vicuna_v1.1")
-    roles = {"human": conv.roles[0], "gpt": conv.roles[1]}
-    prompts = []
-    for example in raw:
-        conv.messages = []
-        for sentence in example["conversations"]:
-            conv.append_message(roles[sentence["from"]], sentence["value"])
-        prompts.append(conv.get_prompt())
-    sep = conv.sep + conv.roles[1] + ": "
-    input_ids, targets = [], []
-    for prompt in prompts:
-        rounds = prompt.split(conv.sep2)
-        ids = [sp.bos_id()]
-        for rou in rounds:
-            if rou == "":
-                break
-            ids.extend(tokenize(rou)[1:])
-        padded = ids + [0] * max(0, length - len(ids))
-        input_ids.append(padded[:length])
-        target = np.array(padded)
-        total_len = int(np.not_equal(target, 0).sum())
-        cur_len = 1
-        target[:cur_len] = IGNORE
-        for rou in rounds:
-            if rou == "":
-                break
-            parts = rou.split(sep)
-            if len(parts) != 2:
-                break
-            parts[0] += sep
-            round_len = len(tokenize(rou)) - 1
-            instruction_len = len(tokenize(parts[0])) - 3
-            target[cur_len:cur_len + instruction_len] = IGNORE
-            cur_len += round_len
-        target[cur_len:] = IGNORE
-        if cur_len < length:
-            if cur_len != total_len:
-                target[:] = IGNORE
-        else:
-            target = target[:length]
-        targets.append(target.tolist())
-    input_ids = np.array(input_ids, dtype=np.int32)
-    targets = np.array(targets, dtype=np.int32)
+    input_ids, targets = mindformers_qa([example["conversations"] for example in raw], TOKENIZER, seq_length + 1)
     writer = FileWriter(os.path.join(work_dir, "mf.mindrecord"), shard_num=1, overwrite=True)
     writer.add_schema({"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}, "qa")
     for ids, labels in zip(input_ids, targets):

@@ -188,8 +188,9 @@ def train(config):
 
     params = model.trainable_params()
     opt = config.optimizer
-    optimizer = AdamWUpdate(params, opt.beta1, opt.beta2, opt.eps, opt.weight_decay)
     scaling = loss_scale_settings(config)
+    optimizer = AdamWUpdate(params, opt.beta1, opt.beta2, opt.eps, opt.weight_decay,
+                            skip_on_overflow=scaling is not None)
     wrapper = config.runner_wrapper
     train_step = TrainStep(model, params, optimizer,
                            max_grad_norm=wrapper.max_grad_norm if wrapper.use_clip_grad else None,

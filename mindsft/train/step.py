@@ -16,8 +16,9 @@ class AdamWUpdate(nn.Cell):
     Weight decay applies to matrices only: norms' scales are not decayed (MindFormers' filter).
     """
 
-    def __init__(self, params, beta1, beta2, eps, weight_decay):
+    def __init__(self, params, beta1, beta2, eps, weight_decay, skip_on_overflow=False):
         super().__init__(auto_prefix=False)
+        self.skip_on_overflow = skip_on_overflow
         self.params = params
         self.moments_m = ParameterTuple(Parameter(ops.zeros(p.shape, ms.float32), name="adam_m." + p.name)
                                         for p in params)
@@ -42,9 +43,10 @@ class AdamWUpdate(nn.Cell):
             if self.decay[i] > 0.0:
                 update = update + self.decay[i] * param32
             next_param = param32 - lr * update
-            next_param = ops.select(keep, next_param, param32)
-            next_m = ops.select(keep, next_m, m)
-            next_v = ops.select(keep, next_v, v)
+            if self.skip_on_overflow:
+                next_param = ops.select(keep, next_param, param32)
+                next_m = ops.select(keep, next_m, m)
+                next_v = ops.select(keep, next_v, v)
             done += (ops.assign(param, next_param.astype(param.dtype)), ops.assign(m, next_m), ops.assign(v, next_v))
         return done
 
