@@ -305,16 +305,20 @@ class Attention(nn.Cell):
         self.wv = Linear(config.hidden_size, kv_size, config)
         self.wo = Linear(q_size, config.hidden_size, config)
 
-    def construct(self, x, cos, sin, mask):
-        """x [B, S, hidden]; cos/sin [B, S, head_dim]; mask additive [B, 1, S, S] in float32."""
+    def rotated_qkv(self, x, cos, sin):
+        """Queries (rotated, pre-scaled by 1/sqrt(head_dim)), keys (rotated), values: [B, heads, S, head_dim]."""
         batch, seq = x.shape[0], x.shape[1]
         q = self.wq(x).reshape(batch, seq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.wk(x).reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.wv(x).reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         cos = ops.expand_dims(cos, 1)
         sin = ops.expand_dims(sin, 1)
-        q = apply_rotary(q, cos, sin) * self.scale
-        k = apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin) * self.scale, apply_rotary(k, cos, sin), v
+
+    def construct(self, x, cos, sin, mask):
+        """x [B, S, hidden]; cos/sin [B, S, head_dim]; mask additive [B, 1, S, S] in float32."""
+        batch, seq = x.shape[0], x.shape[1]
+        q, k, v = self.rotated_qkv(x, cos, sin)
         if self.n_rep > 1:
             k = ops.repeat_interleave(k, self.n_rep, 1)
             v = ops.repeat_interleave(v, self.n_rep, 1)
@@ -332,13 +336,7 @@ class Attention(nn.Cell):
         """
         batch, seq = x.shape[0], x.shape[1]
         cache_len = key_cache.shape[2]
-        q = self.wq(x).reshape(batch, seq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.wk(x).reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.wv(x).reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        cos = ops.expand_dims(cos, 1)
-        sin = ops.expand_dims(sin, 1)
-        q = apply_rotary(q, cos, sin) * self.scale
-        k = apply_rotary(k, cos, sin)
+        q, k, v = self.rotated_qkv(x, cos, sin)
         key_cache = key_cache * keep_weight + ops.matmul(write_weight, k)
         value_cache = value_cache * keep_weight + ops.matmul(write_weight, v)
         # Query heads grouped under their key/value head instead of repeating the cache n_rep times.
