@@ -35,7 +35,7 @@ python tools/llama_preprocess.py --dataset_type qa --input_glob "$WORK/alpaca-co
 echo "== 5. full fine-tuning on 2 workers with msrun"
 bash scripts/msrun_launcher.sh "run_mindformer.py --config configs/llama2/finetune_llama_tiny_cpu.yaml \
     --run_mode finetune --load_checkpoint $WORK/tiny-llama.ckpt --train_dataset_dir $WORK/mindrecord \
-    --output_dir $WORK/output --use_parallel True --batch_size 2 --epochs 6" \
+    --output_dir $WORK/output --use_parallel True --batch_size 2 --epochs 15" \
     2 8118 "$WORK/msrun_log" True 600
 tail -n 4 "$WORK/msrun_log/worker_0.log"
 
@@ -44,12 +44,15 @@ python tools/convert_weight.py --reversed --input_path "$WORK/output/checkpoint/
     --output_path "$WORK/tiny-llama-finetuned-hf" --hf_config "$WORK/tiny-llama-hf/config.json" \
     --tokenizer_dir "$WORK/tiny-llama-hf"
 
-echo "== 7. ask the fine-tuned model (in the template its training data used)"
-python run_mindformer.py --config configs/llama2/finetune_llama_tiny_cpu.yaml --run_mode predict \
-    --load_checkpoint "$WORK/output/checkpoint/llama_tiny_final.ckpt" \
-    --processor.tokenizer.vocab_file "$WORK/tiny-llama-hf/tokenizer.model" \
-    --predict_data "What is the capital of France?" --max_new_tokens 24 --output_dir "$WORK/predict"
+echo "== 7. ask the fine-tuned model (in the template its training data used), then score it on the sample"
+PREDICT="python run_mindformer.py --config configs/llama2/finetune_llama_tiny_cpu.yaml --run_mode predict
+    --load_checkpoint $WORK/output/checkpoint/llama_tiny_final.ckpt
+    --processor.tokenizer.vocab_file $WORK/tiny-llama-hf/tokenizer.model --max_new_tokens 24"
+$PREDICT --predict_data "$(python -c 'from mindsft.templates import alpaca_prompt; print(alpaca_prompt("What is the capital of France?"))')" \
+    --output_dir "$WORK/predict"
+$PREDICT --predict_data mindsft/sample_data/alpaca_sample.json --output_dir "$WORK/eval"
+python -c "import json; m = json.load(open('$WORK/eval/predict_results.json')); print({k: round(m[k], 2) for k in ('bleu-4', 'rouge-1', 'rouge-l', 'eval_loss', 'decode_tokens_per_second')})"
 
 echo "done: loss curve $WORK/output/training_loss.png, metrics $WORK/output/metrics.jsonl,"
-echo "      predictions $WORK/predict/generated_predictions.jsonl,"
+echo "      predictions $WORK/predict/generated_predictions.jsonl and $WORK/eval/generated_predictions.jsonl,"
 echo "      fine-tuned model $WORK/tiny-llama-finetuned-hf"
