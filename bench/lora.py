@@ -35,10 +35,10 @@ def run_variant(args):
     """Train `args.steps` compiled steps of one variant; return its figures."""
     import numpy as np
     import mindspore as ms
-    from mindspore import nn
 
     from mindsft.lora import LoraConfig, apply_lora, parameter_report
     from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
+    from mindsft.train.step import AdamWUpdate, TrainStep
 
     ms.set_seed(0)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
@@ -47,27 +47,26 @@ def run_variant(args):
     if args.variant == "lora":
         apply_lora(model, LoraConfig.from_llamafactory({"lora_target": "all", "lora_rank": args.rank}))
     trainable, total, _ = parameter_report(model)
-    optimizer = nn.AdamWeightDecay(model.trainable_params(), learning_rate=1e-4, weight_decay=0.0)
-    grad_fn = ms.value_and_grad(model, None, optimizer.parameters)
-
-    @ms.jit
-    def train_step(input_ids, labels):
-        loss, grads = grad_fn(input_ids, labels)
-        optimizer(grads)
-        return loss
-
+    # The trainer's own compiled step and optimizer, over the trainable parameters only.
+    ms.set_context(mode=ms.GRAPH_MODE)
+    params = model.trainable_params()
+    step = TrainStep(model, params, AdamWUpdate(params, 0.9, 0.999, 1e-8, 0.0), max_grad_norm=1.0)
     rng = np.random.RandomState(0)
-    input_ids = ms.Tensor(rng.randint(0, args.vocab, (args.batch, args.seq)).astype(np.int32))
-    labels = input_ids
+    batch = rng.randint(0, args.vocab, (args.batch, args.seq)).astype(np.int32)
+
+    def train_step(input_ids, labels):
+        return step.step([(input_ids, labels)], 1e-4, 1.0)[0]
+
+    input_ids = labels = batch
     start = time.perf_counter()
-    train_step(input_ids, labels).asnumpy()
+    train_step(input_ids, labels)
     first_step = time.perf_counter() - start
     for _ in range(args.warmup - 1):
-        train_step(input_ids, labels).asnumpy()
+        train_step(input_ids, labels)
     times, cpu_times = [], []
     for _ in range(args.steps):
         start, cpu_start = time.perf_counter(), time.process_time()
-        train_step(input_ids, labels).asnumpy()
+        train_step(input_ids, labels)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
     return {
