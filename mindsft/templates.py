@@ -9,10 +9,11 @@ before each reply.
 Messages are `[{"role": "user" | "assistant" | "system", "content": str}]`: an optional system
 message first, then user and assistant turns alternating, starting with the user.
 """
-import bisect
 import dataclasses
 import json
 import os
+
+import numpy as np
 
 from mindsft.errors import ConfigError, DataError
 
@@ -284,9 +285,16 @@ def _raise_template_error(message):
 
 
 def encode_segments(tokenizer, segments):
-    """Token ids and a learned flag per token. Each run of text between special tokens is encoded
-    on its own (as MindFormers encodes each round); a token is learned when its UTF-8 byte span
-    overlaps learned text, found from sentencepiece's offsets, never from token counts."""
+    """Token ids and a learned flag per token, as two lists (see `encode_segment_arrays`)."""
+    ids, learned = encode_segment_arrays(tokenizer, segments)
+    return ids.tolist(), learned.tolist()
+
+
+def encode_segment_arrays(tokenizer, segments):
+    """Token ids (int32) and a learned flag per token (bool), as arrays. Each run of text between
+    special tokens is encoded on its own (as MindFormers encodes each round); a token is learned
+    when its UTF-8 byte span overlaps learned text, found from the tokenizer's offsets, never from
+    token counts."""
     ids, learned = [], []
     run = []
     for segment in segments + [None]:
@@ -301,28 +309,26 @@ def encode_segments(tokenizer, segments):
                 if s.learned:
                     spans.append((offset, offset + size))
                 offset += size
-            run_ids, offsets = tokenizer.encode_with_offsets(text)
-            ids.extend(run_ids)
-            learned.extend(overlap_mask(offsets, spans))
+            run_ids, begins, ends = tokenizer.encode_spans(text)
+            ids.append(run_ids)
+            learned.append(overlap_mask(begins, ends, spans))
             run = []
         if segment is not None:
-            ids.append(tokenizer.bos_id if segment.special == "bos" else tokenizer.eos_id)
-            learned.append(segment.learned)
-    return ids, learned
+            ids.append([tokenizer.bos_id if segment.special == "bos" else tokenizer.eos_id])
+            learned.append([segment.learned])
+    if not ids:
+        return np.zeros(0, np.int32), np.zeros(0, bool)
+    return np.concatenate(ids).astype(np.int32), np.concatenate(learned).astype(bool)
 
 
-def overlap_mask(offsets, spans):
-    """For each token's (begin, end), whether it overlaps any (begin, end) span: a list of bools."""
-    mask = [False] * len(offsets)
-    if not spans:
-        return mask
+def overlap_mask(begins, ends, spans):
+    """For each token's [begin, end), whether it overlaps any [begin, end) span: a bool array."""
+    mask = np.zeros(len(begins), dtype=bool)
     # Token spans are sorted (non-decreasing begins and ends), so each span covers a slice.
-    begins = [begin for begin, _ in offsets]
-    ends = [end for _, end in offsets]
     for span_begin, span_end in spans:
-        first = bisect.bisect_right(ends, span_begin)
-        stop = bisect.bisect_left(begins, span_end)
-        mask[first:stop] = [True] * max(0, stop - first)
+        first = np.searchsorted(ends, span_begin, side="right")
+        stop = np.searchsorted(begins, span_end, side="left")
+        mask[first:stop] = True
     return mask
 
 

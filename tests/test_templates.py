@@ -114,16 +114,63 @@ def test_alpaca_prompt_keeps_braces_and_matches_stanford_format():
     assert "\n### Instruction:\nint f() { return {x}; }\n" in alpaca_prompt("int f() { return {x}; }", "{input}")
 
 
-def test_token_offsets_equal_sentencepiece_proto_offsets():
+OFFSET_TEXTS = ["héllo ASSISTANT: ünï 1 2 \n foo 😀", "  leading spaces", "", "日本語のテキスト\t\tend ",
+                "😀 first", "x  y   z ", "a\u00a0b", "\n\nnew"]
+
+
+def test_token_offsets_are_sentencepiece_offsets_with_a_byte_per_byte_piece():
     import sentencepiece as spm
     from mindsft.tokenizer import LlamaTokenizer
     path = shared_file("tokenizers/llama2/tokenizer.model")
     tokenizer = LlamaTokenizer(path)
     reference = spm.SentencePieceProcessor(model_file=str(path))
-    for text in ["héllo ASSISTANT: ünï 1 2 \n foo 😀", "  leading spaces", "", "日本語のテキスト\t\tend "]:
+    for text in OFFSET_TEXTS + [m["content"] for c in sharegpt_conversations()[:200] for m in c]:
         proto = reference.encode(text, out_type="proto")
-        assert tokenizer.encode_with_offsets(text) == ([p.id for p in proto.pieces],
-                                                        [(p.begin, p.end) for p in proto.pieces])
+        ids, spans = tokenizer.encode_with_offsets(text)
+        assert ids == [p.id for p in proto.pieces]
+        for piece, span in zip(proto.pieces, spans):
+            if not reference.IsByte(piece.id):
+                assert span == (piece.begin, piece.end)
+        # a byte piece spans its own byte (sentencepiece gives the whole character to its last
+        # byte), so the spans tile the text and a span starting at a character covers all of it
+        assert [begin for begin, _ in spans[1:]] == [end for _, end in spans[:-1]]
+        assert [end - begin for (begin, end), p in zip(spans, proto.pieces) if reference.IsByte(p.id)] == \
+            [1] * sum(reference.IsByte(p.id) for p in proto.pieces)
+        assert not spans or spans[-1][1] == len(text.encode("utf-8"))
+
+
+def test_offsets_from_piece_lengths_equal_sentencepiece_offset_mapping():
+    """Llama's tokenizer does not normalize text, so running sums of piece lengths give the spans
+    (the fast path); they equal the spans from sentencepiece's own offset mapping."""
+    from mindsft.tokenizer import LlamaTokenizer
+    tokenizer = LlamaTokenizer(shared_file("tokenizers/llama2/tokenizer.model"))
+    tokenizer.encode_spans("")
+    assert tokenizer._exact_pieces
+    for text in OFFSET_TEXTS + [m["content"] for c in sharegpt_conversations()[:200] for m in c]:
+        fast = tokenizer._piece_length_spans(text)
+        assert fast is not None
+        for got, expected in zip(fast, tokenizer._offset_mapping_spans(text)):
+            assert got.tolist() == expected.tolist()
+
+
+def test_a_normalizing_tokenizer_takes_sentencepiece_offsets(tiny_hf_dir):
+    from mindsft.tokenizer import LlamaTokenizer
+    tokenizer = LlamaTokenizer(tiny_hf_dir / "tokenizer.model")  # trained with NFKC normalization
+    text = "ﬁne ①  spaced é"
+    ids, begins, ends = tokenizer.encode_spans(text)
+    assert not tokenizer._exact_pieces
+    assert ids.tolist() == tokenizer.encode(text) and ends[-1] == len(text.encode("utf-8"))
+
+
+def test_a_reply_starting_with_a_multibyte_character_learns_all_its_bytes():
+    from mindsft.templates import encode_segments
+    from mindsft.tokenizer import LlamaTokenizer
+    tokenizer = LlamaTokenizer(shared_file("tokenizers/llama2/tokenizer.model"))
+    template = get_template("chatml")  # the reply starts right after a newline, not after a space
+    ids, learned = encode_segments(tokenizer, template.segments([
+        {"role": "user", "content": "Smile?"}, {"role": "assistant", "content": "😀"}]))
+    reply = [tokenizer.id_to_piece(i) for i, flag in zip(ids, learned) if flag]
+    assert reply[:4] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
 
 
 @pytest.mark.parametrize("name", ["vicuna_v1.1", "llama-2"])

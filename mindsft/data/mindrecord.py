@@ -14,7 +14,7 @@ import numpy as np
 from mindsft.data.schema import COLUMNS, mindrecord_schema
 from mindsft.errors import DataError
 
-WRITE_BATCH = 512  # records per write_raw_data call: one call per record is MindRecord's slow path
+WRITE_BATCH = 512  # records per write call: one call per record is MindRecord's slow path
 
 
 class EmptyOutputError(DataError):
@@ -48,18 +48,20 @@ def write_mindrecord(records_iter, output_file, dataset_type, partitions=1):
     try:
         writer = FileWriter(os.path.join(tmp_dir, base), shard_num=partitions, overwrite=True)
         writer.add_schema(schema, dataset_type)
+        write_blobs = _blob_writer(writer)
+        blob_fields = list(writer._header.blob_fields)
         batch = []
         for record in records_iter:
             missing = [c for c in columns if c not in record]
             if missing:
                 raise DataError(f"record {count} has no column {missing[0]!r} (needed for {dataset_type})")
-            batch.append({c: np.asarray(record[c], dtype=np.int32) for c in columns})
+            batch.append(_blob(record, blob_fields))
             count += 1
             if len(batch) == WRITE_BATCH:
-                writer.write_raw_data(batch)
+                write_blobs(batch)
                 batch = []
         if batch:
-            writer.write_raw_data(batch)
+            write_blobs(batch)
         if count == 0:
             raise EmptyOutputError(f"{output_file}: no records to write; nothing written")
         writer.commit()
@@ -73,6 +75,37 @@ def write_mindrecord(records_iter, output_file, dataset_type, partitions=1):
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return finals, count
+
+
+def _blob_writer(writer):
+    """A function writing a list of row blobs through FileWriter's C++ shard writer.
+
+    Every column of the schema is an int32 array, so a row is all blob. FileWriter's Python path
+    re-validates each row against the schema and merges its blob with bytes concatenation: that
+    took about half the writing time, in the one process that also gathers the workers' results.
+    The rows here are built to the schema by `_blob`, so they go to the C++ writer as they are.
+    """
+    writer._writer.open(writer._paths, writer._overwrite)
+    writer._writer.set_shard_header(writer._header)
+    from mindspore._c_mindrecord import MSRStatus
+    shard_writer = writer._writer._writer
+
+    def write(blobs):
+        if shard_writer.write_raw_data({}, blobs, False, False) != MSRStatus.SUCCESS:
+            raise DataError(f"{writer._paths[0]}: MindRecord write failed")
+    return write
+
+
+def _blob(record, fields):
+    """A row as MindRecord stores its blob: per field, its byte count (8 bytes, big-endian), then
+    its bytes (FileWriter's layout; a single field is stored bare)."""
+    if len(fields) == 1:
+        return np.ascontiguousarray(record[fields[0]], dtype=np.int32).tobytes()
+    parts = []
+    for field in fields:
+        data = np.ascontiguousarray(record[field], dtype=np.int32).tobytes()
+        parts += [len(data).to_bytes(8, "big"), data]
+    return b"".join(parts)
 
 
 def read_mindrecord(output_file, partitions=None):

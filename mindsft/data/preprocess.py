@@ -12,6 +12,7 @@ BOS + tokens + EOS per paragraph, concatenated, cut into `seq_length + 1` chunks
 Tokenization runs in `num_workers` processes over chunks of records taken in order, so the output
 does not depend on the number of workers.
 """
+import contextlib
 import dataclasses
 import glob
 import itertools
@@ -29,7 +30,7 @@ from mindsft.data.mindrecord import EmptyOutputError, write_mindrecord
 from mindsft.data.schema import DATASET_TYPES, record_length
 from mindsft.errors import ConfigError, DataError
 from mindsft.files import atomic_output
-from mindsft.templates import IGNORE_INDEX, encode_segments, get_template
+from mindsft.templates import IGNORE_INDEX, encode_segment_arrays, get_template
 from mindsft.tokenizer import LlamaTokenizer
 
 CHUNK_RECORDS = 256  # records per worker task: 64 measured ~10% slower with 2 workers (pickling, IPC)
@@ -80,8 +81,8 @@ def input_files(input_glob):
 # --- qa ------------------------------------------------------------------------------------------
 
 def encode_conversation(tokenizer, template, messages):
-    """(ids, learned flags) of a whole conversation, before truncation and padding."""
-    return encode_segments(tokenizer, template.segments(messages))
+    """(ids, learned flags) arrays of a whole conversation, before truncation and padding."""
+    return encode_segment_arrays(tokenizer, template.segments(messages))
 
 
 def cut_conversation(ids, learned, seq_length, drop_overlong=False):
@@ -157,19 +158,20 @@ def _chunked(iterable, size):
         yield chunk
 
 
-def _map_in_order(task, chunks, options):
-    """Apply `task` to chunks, in order, in this process or a pool of `num_workers`."""
+@contextlib.contextmanager
+def _workers(options):
+    """A map(task, chunks) that keeps the order: in this process, or in a pool of `num_workers`
+    started at once, so they load the tokenizer while this process reads the input."""
     init_args = (options.model_file, options.template, options.tokenizer_config,
                  options.seq_length, options.drop_overlong)
     if options.num_workers == 1:
         _init_worker(*init_args)
-        for chunk in chunks:
-            yield task(chunk)
+        yield map
         return
     # fork would copy MindSpore's threads; spawn workers that import only what they need.
     context = multiprocessing.get_context("spawn")
     with context.Pool(options.num_workers, initializer=_init_worker, initargs=init_args) as pool:
-        yield from pool.imap(task, chunks)
+        yield pool.imap
 
 
 class RunStats:
@@ -185,7 +187,7 @@ class RunStats:
         getattr(self, kind).append({"file": path, "record": index, "reason": reason})
 
 
-def _qa_records(options, stats, pad_id):
+def _qa_records(options, stats, pad_id, map_in_order):
     files = input_files(options.input_glob)
     records = []
     for path in files:
@@ -202,7 +204,7 @@ def _qa_records(options, stats, pad_id):
                disable=not options.progress, file=sys.stderr)
     seen = 0
     with bar:
-        for results in _map_in_order(_qa_task, _chunked(work, CHUNK_RECORDS), options):
+        for results in map_in_order(_qa_task, _chunked(work, CHUNK_RECORDS)):
             for path, index, outcome, payload in results:
                 first_pass = seen < len(records)
                 seen += 1
@@ -257,7 +259,7 @@ def wiki_paragraphs(text):
     return [p for p in clean_wikitext(text).split("\n\n") if p and not p.strip().startswith("=")]
 
 
-def _wiki_records(options, stats, pad_id):
+def _wiki_records(options, stats, pad_id, map_in_order):
     files = input_files(options.input_glob)
     stats.input_files = files
     paragraphs = []
@@ -271,7 +273,7 @@ def _wiki_records(options, stats, pad_id):
     pieces = []
     bar = tqdm(total=len(paragraphs), unit="para", desc="tokenizing", disable=not options.progress, file=sys.stderr)
     with bar:
-        for results in _map_in_order(_wiki_task, _chunked(paragraphs, CHUNK_RECORDS), options):
+        for results in map_in_order(_wiki_task, _chunked(paragraphs, CHUNK_RECORDS)):
             pieces.extend(results)
             bar.update(len(results))
     content = np.concatenate(pieces * options.repeat) if pieces else np.zeros(0, np.int32)
@@ -295,12 +297,14 @@ def preprocess(options):
     if options.dataset_type == "qa":
         get_template(options.template, options.tokenizer_config)  # fail on a bad template before any work
     stats = RunStats()
-    records = (_qa_records if options.dataset_type == "qa" else _wiki_records)(options, stats, tokenizer.pad_id)
-    try:
-        shards, _ = write_mindrecord(records, options.output_file, options.dataset_type, options.file_partition)
-    except EmptyOutputError:
-        raise DataError(f"{options.input_glob}: no record left to write ({stats.counts['skipped']} skipped, "
-                        f"{stats.counts['dropped']} dropped); nothing written") from None
+    make_records = _qa_records if options.dataset_type == "qa" else _wiki_records
+    with _workers(options) as map_in_order:
+        records = make_records(options, stats, tokenizer.pad_id, map_in_order)
+        try:
+            shards, _ = write_mindrecord(records, options.output_file, options.dataset_type, options.file_partition)
+        except EmptyOutputError:
+            raise DataError(f"{options.input_glob}: no record left to write ({stats.counts['skipped']} skipped, "
+                            f"{stats.counts['dropped']} dropped); nothing written") from None
     summary = {
         "dataset_type": options.dataset_type,
         "template": options.template if options.dataset_type == "qa" else None,
