@@ -14,6 +14,7 @@ does not depend on the number of workers.
 """
 import contextlib
 import dataclasses
+import gc
 import glob
 import itertools
 import json
@@ -174,6 +175,19 @@ def _workers(options):
         yield pool.imap
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cycle collector off for the run: the records make no cycles, and its passes over
+    the ever larger heap of records took ~4% of the run."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class RunStats:
     """Counts and the where/why of every record not written as it was read."""
 
@@ -298,7 +312,7 @@ def preprocess(options):
         get_template(options.template, options.tokenizer_config)  # fail on a bad template before any work
     stats = RunStats()
     make_records = _qa_records if options.dataset_type == "qa" else _wiki_records
-    with _workers(options) as map_in_order:
+    with _gc_paused(), _workers(options) as map_in_order:
         records = make_records(options, stats, tokenizer.pad_id, map_in_order)
         try:
             shards, _ = write_mindrecord(records, options.output_file, options.dataset_type, options.file_partition)
