@@ -203,6 +203,26 @@ def test_write_mindrecord_is_readable_and_checks_columns(tmp_path):
     assert not list(tmp_path.glob("y.mindrecord*"))
 
 
+def test_rows_read_back_as_mindrecords_own_writer_writes_them(tmp_path):
+    """write_mindrecord hands prebuilt rows to MindRecord's C++ writer; MindDataset reads the same
+    arrays as from a file written through FileWriter's public write_raw_data."""
+    from mindspore.mindrecord import FileWriter
+    from mindsft.data.schema import mindrecord_schema
+    rng = np.random.default_rng(0)
+    rows = [{"input_ids": rng.integers(0, 32000, 9, dtype=np.int32),
+             "labels": rng.integers(-100, 32000, 9, dtype=np.int32)} for _ in range(7)]
+    write_mindrecord(iter(rows), tmp_path / "ours.mindrecord", "qa")
+    writer = FileWriter(str(tmp_path / "public.mindrecord"), shard_num=1, overwrite=True)
+    writer.add_schema(mindrecord_schema("qa"), "qa")
+    writer.write_raw_data(rows)
+    writer.commit()
+    ours, public = read_mindrecord(tmp_path / "ours.mindrecord"), read_mindrecord(tmp_path / "public.mindrecord")
+    assert len(ours) == len(public) == 7
+    for got, expected, row in zip(ours, public, rows):
+        for column in ("input_ids", "labels"):
+            assert got[column].tolist() == expected[column].tolist() == row[column].tolist()
+
+
 def test_cli_runs_and_reports(sample, tmp_path):
     folder, model_file = sample
     tool = str(ROOT / "tools" / "llama_preprocess.py")
