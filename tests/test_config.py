@@ -92,3 +92,12 @@ def test_lr_schedules_follow_mindformers_formulas():
     assert linear(55) == pytest.approx(1e-4 + 9e-4 * 0.5)
     constant = build_lr_schedule(LrScheduleConfig(type="constant"), 2e-5, 10)
     assert constant(0) == constant(9) == 2e-5
+
+
+def test_context_keys_of_the_yaml_reach_mindspore():
+    from mindsft.train.recipe import mindspore_context_settings
+    ascend = load_run_config(ROOT / "configs/llama2/finetune_llama2_7b.yaml")
+    assert mindspore_context_settings(ascend.context) == {
+        "max_device_memory": "58GB", "jit_config": {"jit_level": "O1"}, "memory_optimize_level": "O0"}
+    tiny = load_run_config(TINY_YAML, {"context.runtime_num_threads": "1"})
+    assert mindspore_context_settings(tiny.context) == {"runtime_num_threads": 1}

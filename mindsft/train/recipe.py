@@ -5,6 +5,7 @@ optimizer and schedule → the loop → checkpoints and final weights.
 config decides: finetune loads a checkpoint and has a labels column), eval measures loss and
 perplexity, predict is handed to `mindsft.predict`.
 """
+import dataclasses
 import json
 import math
 import os
@@ -61,11 +62,27 @@ def check_parallel_settings(config):
                                   "(set it to 1/False and use data_parallel)")
 
 
+def mindspore_context_settings(context):
+    """The YAML's `context` keys that differ from their defaults, as `ms.set_context` takes them
+    (mode and device are set on their own); None values are MindSpore's own defaults."""
+    settings = {}
+    for field in dataclasses.fields(context):
+        if field.name in ("mode", "device_target", "device_id"):
+            continue
+        value = getattr(context, field.name)
+        if value is not None and value != field.default:
+            settings[field.name] = value
+    return settings
+
+
 def setup_context(config):
     """Device, graph mode, seed, and the data-parallel group. Returns (rank, world_size)."""
     check_parallel_settings(config)
     ms.set_context(mode=ms.GRAPH_MODE if config.context.mode == 0 else ms.PYNATIVE_MODE)
     ms.set_device(config.context.device_target)
+    context_settings = mindspore_context_settings(config.context)
+    if context_settings:
+        ms.set_context(**context_settings)
     ms.set_seed(config.seed)
     if not config.use_parallel:
         return 0, 1
