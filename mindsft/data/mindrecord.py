@@ -40,6 +40,8 @@ def write_mindrecord(records_iter, output_file, dataset_type, partitions=1):
         raise DataError(f"file_partition must be at least 1, got {partitions}")
     columns = COLUMNS.get(dataset_type)
     schema = mindrecord_schema(dataset_type)
+    if any(spec != {"type": "int32", "shape": [-1]} for spec in schema.values()):
+        raise DataError(f"{dataset_type}: rows are written as int32 arrays only; the schema asks {schema}")
     output_file = os.path.abspath(os.fspath(output_file))
     folder, base = os.path.split(output_file)
     os.makedirs(folder, exist_ok=True)
