@@ -15,6 +15,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, One, initializer
 
 from mindsft.errors import ConfigError
+from mindsft.models.cpu_attention import causal_attention
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 # MindFormers spells dtypes several ways in its YAML files.
@@ -304,6 +305,8 @@ class Attention(nn.Cell):
         self.wk = Linear(config.hidden_size, kv_size, config)
         self.wv = Linear(config.hidden_size, kv_size, config)
         self.wo = Linear(q_size, config.hidden_size, config)
+        # The fused causal kernel (CPU, fp32); None elsewhere, and then MindSpore's own ops run.
+        self.fused_causal = causal_attention(config.head_dim) if self.compute_dtype == ms.float32 else None
 
     def rotated_qkv(self, x, cos, sin):
         """Queries (rotated, pre-scaled by 1/sqrt(head_dim)), keys (rotated), values: [B, heads, S, head_dim]."""
@@ -316,9 +319,13 @@ class Attention(nn.Cell):
         return apply_rotary(q, cos, sin) * self.scale, apply_rotary(k, cos, sin), v
 
     def construct(self, x, cos, sin, mask):
-        """x [B, S, hidden]; cos/sin [B, S, head_dim]; mask additive [B, 1, S, S] in float32."""
+        """x [B, S, hidden]; cos/sin [B, S, head_dim]; mask additive [B, 1, S, S] in float32, or
+        None for plain causal attention through the fused kernel."""
         batch, seq = x.shape[0], x.shape[1]
         q, k, v = self.rotated_qkv(x, cos, sin)
+        if mask is None:
+            out, _ = self.fused_causal(q, k, v)
+            return self.wo(out.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.head_dim))
         if self.n_rep > 1:
             k = ops.repeat_interleave(k, self.n_rep, 1)
             v = ops.repeat_interleave(v, self.n_rep, 1)
@@ -391,6 +398,7 @@ class LlamaModel(nn.Cell):
         self.layers = nn.CellList([DecoderLayer(config) for _ in range(config.num_layers)])
         self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
         self.inv_freq = Tensor(rope_inverse_frequencies(config))
+        self.fused_causal = self.layers[0].attention.fused_causal is not None
 
     def rotary_tables(self, position_ids):
         """cos, sin [B, S, head_dim] in the compute dtype, computed in float32 as transformers does."""
@@ -415,8 +423,11 @@ class LlamaModel(nn.Cell):
             keep = attention_mask.astype(ms.int32)
             position_ids = ops.clamp(ops.cumsum(keep, 1) - 1, 0)
             allowed = ops.logical_and(causal.reshape(1, 1, seq, seq), keep.astype(ms.bool_).reshape(batch, 1, 1, seq))
-        mask = ops.select(allowed, ops.zeros(allowed.shape, ms.float32),
-                          ops.full(allowed.shape, -1e30, dtype=ms.float32))
+        if attention_mask is None and self.fused_causal:
+            mask = None  # plain causal: the fused kernel needs no mask
+        else:
+            mask = ops.select(allowed, ops.zeros(allowed.shape, ms.float32),
+                              ops.full(allowed.shape, -1e30, dtype=ms.float32))
         cos, sin = self.rotary_tables(position_ids)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:

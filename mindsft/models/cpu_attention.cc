@@ -1,0 +1,243 @@
+// Causal attention for MindSpore's CPU backend, forward and backward in one pass each: the scores
+// never leave cache (MindSpore's CPU kernels write [B, H, S, S] scores, probabilities and their
+// gradients to memory, several times over). Loaded by mindsft/models/cpu_attention.py as
+// MindSpore "aot" custom ops. fp32; queries already scaled by 1/sqrt(head_dim); grouped key/value
+// heads (query head h reads key/value head h / (H / Hkv)).
+//
+// Forward:  q [B,H,S,D], k [B,Hkv,S,D], v [B,Hkv,S,D] -> out [B,H,S,D], lse [B,H,S]
+// Backward: q, k, v, out, lse, dout -> dq [B,H,S,D], dk [B,Hkv,S,D], dv [B,Hkv,S,D]
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+struct Dims {
+  int64_t batch, heads, kv_heads, seq, dim;
+};
+
+Dims dims_of(int64_t **shapes) {
+  return Dims{shapes[0][0], shapes[0][1], shapes[1][1], shapes[0][2], shapes[0][3]};
+}
+
+// Threads per call: MINDSFT_ATTENTION_THREADS (the Python side sets MindSpore's runtime thread
+// count there), else the machine's cores.
+int64_t thread_budget() {
+  static const int64_t budget = [] {
+    const char *env = std::getenv("MINDSFT_ATTENTION_THREADS");
+    const int64_t asked = env ? std::atoll(env) : 0;
+    return asked > 0 ? asked : std::max<int64_t>(1, std::thread::hardware_concurrency());
+  }();
+  return budget;
+}
+
+// Runs body(task) for task in [0, count) on up to thread_budget() threads.
+template <typename Body>
+void parallel_for(int64_t count, Body body) {
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(count, thread_budget()));
+  if (threads == 1) {
+    for (int64_t t = 0; t < count; t++) body(t);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int64_t w = 0; w < threads; w++) {
+    pool.emplace_back([=, &body]() {
+      for (int64_t t = w; t < count; t += threads) body(t);
+    });
+  }
+  for (auto &thread : pool) thread.join();
+}
+
+// dst[d][j] = src[j][d]: a [seq, dim] block by columns, so products against all keys run over
+// contiguous j.
+void transpose(const float *src, float *dst, int64_t seq, int64_t dim, int64_t padded) {
+  for (int64_t j = 0; j < seq; j++)
+    for (int64_t d = 0; d < dim; d++) dst[d * padded + j] = src[j * dim + d];
+}
+
+constexpr int64_t ROWS = 8;   // query rows per block: their accumulators stay in registers
+constexpr int64_t LANES = 16;  // key columns per inner step (one AVX-512 vector of fp32)
+
+// s[r][j] = sum_d x[r][d] * cols[d][j] for ROWS rows of x (row stride dim) and j < width (a
+// multiple of LANES; s has row stride `stride`).
+void rows_times_columns(const float *x, int64_t rows, const float *cols, float *s, int64_t width, int64_t stride,
+                        int64_t seq, int64_t dim) {
+  for (int64_t j0 = 0; j0 < width; j0 += LANES) {
+    float acc[ROWS][LANES] = {};
+    for (int64_t d = 0; d < dim; d++) {
+      const float *col = cols + d * seq + j0;
+      for (int64_t r = 0; r < ROWS; r++) {
+        const float xr = r < rows ? x[r * dim + d] : 0.0f;
+        for (int64_t l = 0; l < LANES; l++) acc[r][l] += xr * col[l];
+      }
+    }
+    for (int64_t r = 0; r < rows; r++)
+      for (int64_t l = 0; l < LANES; l++) s[r * stride + j0 + l] = acc[r][l];
+  }
+}
+
+// out[r][:] (+)= sum_{j < width} w[r][j] * m[j][:] for ROWS rows; m is [seq, dim] row-major.
+template <int64_t DIM>
+void weights_times_rows(const float *w, int64_t rows, int64_t stride, const float *m, int64_t width, float *out,
+                        bool add) {
+  float acc[ROWS][DIM] = {};
+  for (int64_t j = 0; j < width; j++) {
+    const float *mj = m + j * DIM;
+    for (int64_t r = 0; r < ROWS; r++) {
+      const float wr = r < rows ? w[r * stride + j] : 0.0f;
+      for (int64_t d = 0; d < DIM; d++) acc[r][d] += wr * mj[d];
+    }
+  }
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t d = 0; d < DIM; d++) out[r * DIM + d] = (add ? out[r * DIM + d] : 0.0f) + acc[r][d];
+}
+
+// out[j][:] += sum_r w[r][j] * x[r][:] for j < width: the transpose product (dk, dv).
+template <int64_t DIM>
+void columns_times_rows(const float *w, int64_t rows, int64_t stride, const float *x, int64_t width, float *out) {
+  for (int64_t j = 0; j < width; j++) {
+    float acc[DIM] = {};
+    for (int64_t r = 0; r < rows; r++) {
+      const float wr = w[r * stride + j];
+      const float *xr = x + r * DIM;
+      for (int64_t d = 0; d < DIM; d++) acc[d] += wr * xr[d];
+    }
+    float *oj = out + j * DIM;
+    for (int64_t d = 0; d < DIM; d++) oj[d] += acc[d];
+  }
+}
+
+template <int64_t D>
+void forward(const Dims &n, const float *q, const float *k, const float *v, float *out, float *lse) {
+  const int64_t rep = n.heads / n.kv_heads, S = n.seq;
+  const int64_t padded = (S + LANES - 1) / LANES * LANES;
+  parallel_for(n.batch * n.kv_heads, [&](int64_t task) {
+    const int64_t b = task / n.kv_heads, g = task % n.kv_heads;
+    const float *kb = k + (b * n.kv_heads + g) * S * D;
+    const float *vb = v + (b * n.kv_heads + g) * S * D;
+    std::vector<float> kt(D * padded, 0.0f), p(ROWS * padded);
+    transpose(kb, kt.data(), S, D, padded);
+    for (int64_t r = 0; r < rep; r++) {
+      const int64_t h = g * rep + r;
+      const float *qh = q + (b * n.heads + h) * S * D;
+      float *oh = out + (b * n.heads + h) * S * D;
+      float *lh = lse + (b * n.heads + h) * S;
+      for (int64_t i0 = 0; i0 < S; i0 += ROWS) {
+        const int64_t rows = std::min(ROWS, S - i0);
+        const int64_t width = std::min(padded, (i0 + rows + LANES - 1) / LANES * LANES);
+        rows_times_columns(qh + i0 * D, rows, kt.data(), p.data(), width, padded, padded, D);
+        for (int64_t row = 0; row < rows; row++) {
+          const int64_t i = i0 + row;
+          float *pr = p.data() + row * padded;
+          float top = pr[0];
+          for (int64_t j = 1; j <= i; j++) top = std::max(top, pr[j]);
+          float total = 0.0f;
+          for (int64_t j = 0; j <= i; j++) {
+            pr[j] = std::exp(pr[j] - top);
+            total += pr[j];
+          }
+          const float inverse = 1.0f / total;
+          for (int64_t j = 0; j <= i; j++) pr[j] *= inverse;
+          std::fill(pr + i + 1, pr + width, 0.0f);
+          lh[i] = top + std::log(total);
+        }
+        weights_times_rows<D>(p.data(), rows, padded, vb, std::min(width, S), oh + i0 * D, false);
+      }
+    }
+  });
+}
+
+template <int64_t D>
+void backward(const Dims &n, const float *q, const float *k, const float *v, const float *out, const float *lse,
+              const float *dout, float *dq, float *dk, float *dv) {
+  const int64_t rep = n.heads / n.kv_heads, S = n.seq;
+  const int64_t padded = (S + LANES - 1) / LANES * LANES;
+  // One task per key/value head: the query heads sharing it add into its dk/dv without races.
+  parallel_for(n.batch * n.kv_heads, [&](int64_t task) {
+    const int64_t b = task / n.kv_heads, g = task % n.kv_heads;
+    const int64_t kv_offset = (b * n.kv_heads + g) * S * D;
+    const float *kb = k + kv_offset, *vb = v + kv_offset;
+    float *dkb = dk + kv_offset, *dvb = dv + kv_offset;
+    std::fill(dkb, dkb + S * D, 0.0f);
+    std::fill(dvb, dvb + S * D, 0.0f);
+    std::vector<float> kt(D * padded, 0.0f), vt(D * padded, 0.0f), p(ROWS * padded), ds(ROWS * padded);
+    transpose(kb, kt.data(), S, D, padded);
+    transpose(vb, vt.data(), S, D, padded);
+    for (int64_t r = 0; r < rep; r++) {
+      const int64_t h = g * rep + r;
+      const int64_t offset = (b * n.heads + h) * S * D;
+      const float *qh = q + offset, *oh = out + offset, *doh = dout + offset;
+      const float *lh = lse + (b * n.heads + h) * S;
+      float *dqh = dq + offset;
+      for (int64_t i0 = 0; i0 < S; i0 += ROWS) {
+        const int64_t rows = std::min(ROWS, S - i0);
+        const int64_t width = std::min(padded, (i0 + rows + LANES - 1) / LANES * LANES);
+        rows_times_columns(qh + i0 * D, rows, kt.data(), p.data(), width, padded, padded, D);
+        rows_times_columns(doh + i0 * D, rows, vt.data(), ds.data(), width, padded, padded, D);
+        for (int64_t row = 0; row < rows; row++) {
+          const int64_t i = i0 + row;
+          float *pr = p.data() + row * padded, *dsr = ds.data() + row * padded;
+          const float *doi = doh + i * D, *oi = oh + i * D;
+          float dot = 0.0f;  // sum_d dout_i * out_i = sum_j p_ij * dp_ij
+          for (int64_t d = 0; d < D; d++) dot += doi[d] * oi[d];
+          for (int64_t j = 0; j <= i; j++) {
+            pr[j] = std::exp(pr[j] - lh[i]);
+            dsr[j] = pr[j] * (dsr[j] - dot);
+          }
+          std::fill(pr + i + 1, pr + width, 0.0f);
+          std::fill(dsr + i + 1, dsr + width, 0.0f);
+        }
+        const int64_t keys = std::min(width, S);
+        weights_times_rows<D>(ds.data(), rows, padded, kb, keys, dqh + i0 * D, false);
+        columns_times_rows<D>(ds.data(), rows, padded, qh + i0 * D, keys, dkb);
+        columns_times_rows<D>(p.data(), rows, padded, doh + i0 * D, keys, dvb);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+#define MINDSFT_HEAD_DIMS(X) X(8) X(16) X(32) X(64) X(128)
+
+extern "C" int CausalAttentionForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                      void *stream, void *extra) {
+  if (nparam != 5) return 1;
+  const Dims n = dims_of(shapes);
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[3]);
+  float *lse = static_cast<float *>(params[4]);
+#define MINDSFT_FORWARD(DIM) \
+  if (n.dim == DIM) {        \
+    forward<DIM>(n, q, k, v, out, lse); \
+    return 0;                \
+  }
+  MINDSFT_HEAD_DIMS(MINDSFT_FORWARD)
+  return 2;  // a head size the Python side does not route here
+}
+
+extern "C" int CausalAttentionBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                       void *stream, void *extra) {
+  if (nparam != 9) return 1;
+  const Dims n = dims_of(shapes);
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  const float *out = static_cast<const float *>(params[3]);
+  const float *lse = static_cast<const float *>(params[4]);
+  const float *dout = static_cast<const float *>(params[5]);
+#define MINDSFT_BACKWARD(DIM) \
+  if (n.dim == DIM) {         \
+    backward<DIM>(n, q, k, v, out, lse, dout, static_cast<float *>(params[6]), static_cast<float *>(params[7]), \
+                  static_cast<float *>(params[8]));                                                         \
+    return 0;                 \
+  }
+  MINDSFT_HEAD_DIMS(MINDSFT_BACKWARD)
+  return 2;
+}

@@ -1,0 +1,103 @@
+"""The fused CPU causal attention computes what MindSpore's own attention ops compute, forward and
+backward; without a compiler the model falls back to those ops."""
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from mindsft.models import cpu_attention
+from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
+
+
+
+class Reference(nn.Cell):
+    """Causal attention with MindSpore's ops: repeated key/value heads, additive mask, softmax."""
+
+    def __init__(self, rep, seq):
+        super().__init__()
+        self.rep = rep
+        self.mask = Tensor(np.triu(np.full((seq, seq), -1e30, np.float32), 1)[None, None])
+
+    def construct(self, q, k, v, weight):
+        k = ops.repeat_interleave(k, self.rep, 1)
+        v = ops.repeat_interleave(v, self.rep, 1)
+        probs = ops.softmax(ops.matmul(q, k.transpose(0, 1, 3, 2)) + self.mask, -1)
+        return (ops.matmul(probs, v) * weight).sum()
+
+
+class Fused(nn.Cell):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def construct(self, q, k, v, weight):
+        out, _ = self.op(q, k, v)
+        return (out * weight).sum()
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, seq, head_dim", [
+    (2, 4, 4, 37, 16),   # a sequence that fills no block evenly
+    (1, 8, 2, 64, 32),   # grouped key/value heads
+    (2, 2, 1, 5, 8),     # shorter than one block
+])
+def test_forward_and_gradients_equal_mindspores_attention(batch, heads, kv_heads, seq, head_dim):
+    op = cpu_attention.causal_attention(head_dim)
+    assert op is not None, "g++ is needed to build the fused kernel"
+    rng = np.random.default_rng(seq)
+    q = Tensor(rng.standard_normal((batch, heads, seq, head_dim)).astype(np.float32) * 0.5)
+    k = Tensor(rng.standard_normal((batch, kv_heads, seq, head_dim)).astype(np.float32))
+    v = Tensor(rng.standard_normal((batch, kv_heads, seq, head_dim)).astype(np.float32))
+    weight = Tensor(rng.standard_normal((batch, heads, seq, head_dim)).astype(np.float32))
+    results = []
+    for net in (Reference(heads // kv_heads, seq), Fused(op)):
+        value, grads = ms.jit(ms.value_and_grad(net, grad_position=(0, 1, 2)))(q, k, v, weight)
+        results.append((value.asnumpy(), [g.asnumpy() for g in grads]))
+    (ref_value, ref_grads), (value, grads) = results
+    assert abs(value - ref_value) <= 1e-5 * max(1.0, abs(ref_value))
+    for got, expected in zip(grads, ref_grads):
+        assert np.abs(got - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+
+
+def tiny_model(seed=0):
+    config = LlamaConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, n_kv_heads=2,
+                         intermediate_size=96, seq_length=24)
+    ms.set_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def loss_and_grads(model, input_ids, labels):
+    def loss(x, y):
+        total, count = model.loss_terms(x, y)
+        return total / count
+    value, grads = ms.jit(ms.value_and_grad(loss, None, model.trainable_params()))(input_ids, labels)
+    return float(value.asnumpy()), [g.asnumpy() for g in grads]
+
+
+def test_the_model_trains_the_same_with_and_without_the_kernel(monkeypatch):
+    rng = np.random.default_rng(1)
+    input_ids = Tensor(rng.integers(3, 64, (2, 24)).astype(np.int32))
+    labels = Tensor(np.where(rng.random((2, 24)) < 0.3, -100, input_ids.asnumpy()).astype(np.int32))
+    fused = tiny_model()
+    assert fused.model.fused_causal
+    monkeypatch.setenv("MINDSFT_CPU_ATTENTION", "0")
+    plain = tiny_model()
+    assert not plain.model.fused_causal
+    ms.load_param_into_net(plain, {p.name: p for p in fused.get_parameters()})
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = (loss_and_grads(m, input_ids, labels)
+                                                             for m in (fused, plain))
+    assert abs(fused_loss - plain_loss) < 1e-5
+    for got, expected in zip(fused_grads, plain_grads):
+        assert np.abs(got - expected).max() <= 1e-4 * max(1e-3, np.abs(expected).max())
+
+
+def test_without_a_compiler_the_model_keeps_mindspores_ops(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu_attention, "_OPS", {})
+    monkeypatch.setenv("MINDSFT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert cpu_attention.causal_attention(16) is None
+    assert "no C++ compiler" in caplog.text
+    model = tiny_model()
+    assert not model.model.fused_causal
+    logits = model(Tensor(np.arange(3, 27, dtype=np.int32).reshape(1, 24)))
+    assert logits.shape == (1, 24, 64) and np.isfinite(logits.asnumpy()).all()
+    assert not list(tmp_path.iterdir())  # nothing half-built left behind
