@@ -9,7 +9,6 @@ from mindsft.models import cpu_attention
 from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
 
 
-
 class Reference(nn.Cell):
     """Causal attention with MindSpore's ops: repeated key/value heads, additive mask, softmax."""
 
