@@ -75,7 +75,10 @@ def causal_attention(head_dim):
     if "op" not in _OPS:
         # The kernel splits its work over as many threads as MindSpore's runtime uses.
         os.environ.setdefault("MINDSFT_ATTENTION_THREADS", str(ms.get_context("runtime_num_threads") or 0))
-        path, why = library_path()
+        try:
+            path, why = library_path()
+        except OSError as err:  # an unreadable source, a cache folder that cannot be written
+            path, why = None, str(err)
         if path is None:
             logger.warning("mindsft: fused CPU attention unavailable (%s); using MindSpore's ops", why)
             _OPS["op"] = None
