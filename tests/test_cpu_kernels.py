@@ -1,12 +1,12 @@
-"""The fused CPU causal attention computes what MindSpore's own attention ops compute, forward and
-backward; without a compiler the model falls back to those ops."""
+"""The fused CPU kernels (causal attention, cross-entropy) compute what MindSpore's own ops compute,
+forward and backward; without a compiler the model falls back to those ops."""
 import numpy as np
 import pytest
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from mindsft.models import cpu_attention
-from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
+from mindsft.models import cpu_kernels
+from mindsft.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss_terms
 
 
 class Reference(nn.Cell):
@@ -40,7 +40,7 @@ class Fused(nn.Cell):
     (2, 2, 1, 5, 8),     # shorter than one block
 ])
 def test_forward_and_gradients_equal_mindspores_attention(batch, heads, kv_heads, seq, head_dim):
-    op = cpu_attention.causal_attention(head_dim)
+    op = cpu_kernels.causal_attention(head_dim)
     assert op is not None, "g++ is needed to build the fused kernel"
     rng = np.random.default_rng(seq)
     q = Tensor(rng.standard_normal((batch, heads, seq, head_dim)).astype(np.float32) * 0.5)
@@ -55,6 +55,28 @@ def test_forward_and_gradients_equal_mindspores_attention(batch, heads, kv_heads
     assert abs(value - ref_value) <= 1e-5 * max(1.0, abs(ref_value))
     for got, expected in zip(grads, ref_grads):
         assert np.abs(got - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 7])
+def test_cross_entropy_and_its_gradient_equal_log_softmax(ignore_index):
+    op = cpu_kernels.cross_entropy()
+    assert op is not None, "g++ is needed to build the fused kernel"
+    rng = np.random.default_rng(3)
+    logits = Tensor((rng.standard_normal((3, 11, 50)) * 4).astype(np.float32))
+    targets = rng.integers(0, 50, (3, 11)).astype(np.int32)
+    targets[0, :4] = ignore_index
+    targets = Tensor(targets)
+    results = []
+    for fused in (None, op):
+        def loss(x, fused=fused):
+            total, count = causal_lm_loss_terms(x, targets, ignore_index, fused)
+            return total / count
+        value, grad = ms.value_and_grad(loss)(logits)
+        results.append((float(value.asnumpy()), grad.asnumpy()))
+    (ref_value, ref_grad), (value, grad) = results
+    assert abs(value - ref_value) <= 1e-5 * abs(ref_value)
+    assert np.abs(grad - ref_grad).max() <= 1e-6
+    assert not grad[0, :4].any()  # tokens not learned get no gradient
 
 
 def tiny_model(seed=0):
@@ -77,10 +99,10 @@ def test_the_model_trains_the_same_with_and_without_the_kernel(monkeypatch):
     input_ids = Tensor(rng.integers(3, 64, (2, 24)).astype(np.int32))
     labels = Tensor(np.where(rng.random((2, 24)) < 0.3, -100, input_ids.asnumpy()).astype(np.int32))
     fused = tiny_model()
-    assert fused.model.fused_causal
-    monkeypatch.setenv("MINDSFT_CPU_ATTENTION", "0")
+    assert fused.model.fused_causal and fused.fused_cross_entropy is not None
+    monkeypatch.setenv("MINDSFT_CPU_KERNELS", "0")
     plain = tiny_model()
-    assert not plain.model.fused_causal
+    assert not plain.model.fused_causal and plain.fused_cross_entropy is None
     ms.load_param_into_net(plain, {p.name: p for p in fused.get_parameters()})
     (fused_loss, fused_grads), (plain_loss, plain_grads) = (loss_and_grads(m, input_ids, labels)
                                                              for m in (fused, plain))
@@ -90,10 +112,10 @@ def test_the_model_trains_the_same_with_and_without_the_kernel(monkeypatch):
 
 
 def test_without_a_compiler_the_model_keeps_mindspores_ops(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(cpu_attention, "_OPS", {})
+    monkeypatch.setattr(cpu_kernels, "_OPS", {})
     monkeypatch.setenv("MINDSFT_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler")
-    assert cpu_attention.causal_attention(16) is None
+    assert cpu_kernels.causal_attention(16) is None
     assert "no C++ compiler" in caplog.text
     model = tiny_model()
     assert not model.model.fused_causal

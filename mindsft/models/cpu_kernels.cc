@@ -1,11 +1,14 @@
-// Causal attention for MindSpore's CPU backend, forward and backward in one pass each: the scores
-// never leave cache (MindSpore's CPU kernels write [B, H, S, S] scores, probabilities and their
-// gradients to memory, several times over). Loaded by mindsft/models/cpu_attention.py as
-// MindSpore "aot" custom ops. fp32; queries already scaled by 1/sqrt(head_dim); grouped key/value
-// heads (query head h reads key/value head h / (H / Hkv)).
+// Fused kernels for MindSpore's CPU backend, loaded by mindsft/models/cpu_kernels.py as MindSpore
+// "aot" custom ops. All fp32.
 //
-// Forward:  q [B,H,S,D], k [B,Hkv,S,D], v [B,Hkv,S,D] -> out [B,H,S,D], lse [B,H,S]
-// Backward: q, k, v, out, lse, dout -> dq [B,H,S,D], dk [B,Hkv,S,D], dv [B,Hkv,S,D]
+// Causal attention, forward and backward in one pass each, so the scores never leave cache
+// (MindSpore's CPU kernels write [B, H, S, S] scores, probabilities and their gradients to memory,
+// several times over). Queries come already scaled by 1/sqrt(head_dim); key/value heads are
+// grouped (query head h reads key/value head h / (H / Hkv)).
+//   Forward:  q [B,H,S,D], k [B,Hkv,S,D], v [B,Hkv,S,D] -> out [B,H,S,D], lse [B,H,S]
+//   Backward: q, k, v, out, lse, dout -> dq [B,H,S,D], dk [B,Hkv,S,D], dv [B,Hkv,S,D]
+//
+// Cross-entropy per row of logits (see CrossEntropyForward / CrossEntropyBackward).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,11 +27,11 @@ Dims dims_of(int64_t **shapes) {
   return Dims{shapes[0][0], shapes[0][1], shapes[1][1], shapes[0][2], shapes[0][3]};
 }
 
-// Threads per call: MINDSFT_ATTENTION_THREADS (the Python side sets MindSpore's runtime thread
+// Threads per call: MINDSFT_KERNEL_THREADS (the Python side sets MindSpore's runtime thread
 // count there), else the machine's cores.
 int64_t thread_budget() {
   static const int64_t budget = [] {
-    const char *env = std::getenv("MINDSFT_ATTENTION_THREADS");
+    const char *env = std::getenv("MINDSFT_KERNEL_THREADS");
     const int64_t asked = env ? std::atoll(env) : 0;
     return asked > 0 ? asked : std::max<int64_t>(1, std::thread::hardware_concurrency());
   }();
@@ -240,4 +243,58 @@ extern "C" int CausalAttentionBackward(int nparam, void **params, int *ndims, in
   }
   MINDSFT_HEAD_DIMS(MINDSFT_BACKWARD)
   return 2;
+}
+
+// Cross-entropy of each row of logits [N, V] against targets [N] (int32; negative = not learned):
+// loss [N] (0 where not learned) and the row's log-sum-exp [N], in one read of the logits.
+extern "C" int CrossEntropyForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  const int64_t rows = shapes[0][0], vocab = shapes[0][1];
+  const float *logits = static_cast<const float *>(params[0]);
+  const int32_t *targets = static_cast<const int32_t *>(params[1]);
+  float *loss = static_cast<float *>(params[2]);
+  float *lse = static_cast<float *>(params[3]);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(rows, thread_budget()));
+  parallel_for(threads, [&](int64_t part) {
+    for (int64_t i = part; i < rows; i += threads) {
+      const float *x = logits + i * vocab;
+      float top = x[0];
+      for (int64_t j = 1; j < vocab; j++) top = std::max(top, x[j]);
+      float total = 0.0f;
+      for (int64_t j = 0; j < vocab; j++) total += std::exp(x[j] - top);
+      lse[i] = top + std::log(total);
+      const int32_t t = targets[i];
+      loss[i] = (t >= 0 && t < vocab) ? lse[i] - x[t] : 0.0f;
+    }
+  });
+  return 0;
+}
+
+// dlogits[i][j] = dloss[i] * (softmax(logits[i])[j] - [j == target]) for learned rows, else 0.
+extern "C" int CrossEntropyBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                    void *stream, void *extra) {
+  if (nparam != 5) return 1;
+  const int64_t rows = shapes[0][0], vocab = shapes[0][1];
+  const float *logits = static_cast<const float *>(params[0]);
+  const int32_t *targets = static_cast<const int32_t *>(params[1]);
+  const float *lse = static_cast<const float *>(params[2]);
+  const float *dloss = static_cast<const float *>(params[3]);
+  float *dlogits = static_cast<float *>(params[4]);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(rows, thread_budget()));
+  parallel_for(threads, [&](int64_t part) {
+    for (int64_t i = part; i < rows; i += threads) {
+      const float *x = logits + i * vocab;
+      float *dx = dlogits + i * vocab;
+      const int32_t t = targets[i];
+      if (t < 0 || t >= vocab) {
+        std::fill(dx, dx + vocab, 0.0f);
+        continue;
+      }
+      const float g = dloss[i], shift = lse[i];
+      for (int64_t j = 0; j < vocab; j++) dx[j] = g * std::exp(x[j] - shift);
+      dx[t] -= g;
+    }
+  });
+  return 0;
 }

@@ -1,0 +1,127 @@
+"""Fused kernels for MindSpore's CPU backend, as MindSpore "aot" custom ops (`cpu_kernels.cc`).
+
+- Causal attention: MindSpore's CPU kernels run attention as separate ops that each write
+  [B, H, S, S] tensors (scores, mask added, softmax, and their gradients): measured here, ~0.13 s
+  per layer forward and backward for batch 4 x 512 x 8 heads, against ~0.03 s for the fused
+  kernel, which keeps a block of scores in cache and recomputes it in the backward pass from the
+  saved log-sum-exp.
+- Cross-entropy per row of logits: one read of the logits forward, one write of their gradient
+  backward, where log_softmax + gather makes several passes over [tokens, vocab].
+
+The C++ source is compiled once per machine with the system's g++ into a cache folder
+(`$MINDSFT_KERNEL_CACHE`, default `~/.cache/mindsft/kernels`). Where there is no compiler, or the
+build fails, the functions here return None and the model keeps MindSpore's own ops (with one log
+line saying why). `MINDSFT_CPU_KERNELS=0` turns them off.
+"""
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
+HEAD_DIMS = (8, 16, 32, 64, 128)  # the head sizes the kernel is instantiated for
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+
+logger = logging.getLogger(__name__)
+_OPS = {}
+
+
+def _cpu_signature():
+    """What -march=native depends on: a library built on one CPU may not run on another that
+    shares the cache folder (a cluster's home directory)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def library_path():
+    """The compiled kernel library, building it first if this machine has none; None if it cannot."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        return None, "no C++ compiler (g++) on PATH"
+    with open(SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    folder = os.environ.get("MINDSFT_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mindsft",
+                                                                     "kernels"))
+    path = os.path.join(folder, f"cpu_kernels-{key}.so")
+    if os.path.isfile(path):
+        return path, None
+    os.makedirs(folder, exist_ok=True)
+    # Built under a temporary name and renamed: msrun workers may build at the same time.
+    fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, "-o", tmp, SOURCE], capture_output=True, text=True)
+        if done.returncode:
+            return None, f"{compiler} failed: {done.stderr.strip()[-500:]}"
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path, None
+
+
+def _kernel_library():
+    """Path of the built library for fp32 on CPU, or None (kernels off, another device, no build)."""
+    import mindspore as ms
+    if os.environ.get("MINDSFT_CPU_KERNELS", "1") == "0" or ms.get_context("device_target") != "CPU":
+        return None
+    if "path" not in _OPS:
+        # The kernels split their work over as many threads as MindSpore's runtime uses.
+        os.environ.setdefault("MINDSFT_KERNEL_THREADS", str(ms.get_context("runtime_num_threads") or 0))
+        try:
+            path, why = library_path()
+        except OSError as err:  # an unreadable source, a cache folder that cannot be written
+            path, why = None, str(err)
+        if path is None:
+            logger.warning("mindsft: fused CPU kernels unavailable (%s); using MindSpore's ops", why)
+        _OPS["path"] = path
+    return _OPS["path"]
+
+
+def causal_attention(head_dim):
+    """The op (q [B,H,S,D], k, v [B,Hkv,S,D]) -> (out [B,H,S,D], lse [B,H,S]), with its backward,
+    for fp32 on CPU; None where it does not apply (then use MindSpore's ops)."""
+    path = _kernel_library() if head_dim in HEAD_DIMS else None
+    if path is None:
+        return None
+    if "attention" not in _OPS:
+        from mindspore import ops
+        backward = ops.Custom(f"{path}:CausalAttentionBackward", func_type="aot",
+                              out_shape=lambda q, k, v, out, lse, dout: (q, k, v),
+                              out_dtype=lambda q, k, v, out, lse, dout: (q, k, v))
+
+        def bprop(q, k, v, out, dout):
+            # Only `out` is used downstream; the log-sum-exp is kept for the backward pass alone.
+            return backward(q, k, v, out[0], out[1], dout[0])
+
+        _OPS["attention"] = ops.Custom(f"{path}:CausalAttentionForward", func_type="aot", bprop=bprop,
+                                       out_shape=lambda q, k, v: (q, q[:3]), out_dtype=lambda q, k, v: (q, q))
+    return _OPS["attention"]
+
+
+def cross_entropy():
+    """The op (logits [N, V] fp32, targets [N] int32) -> (loss [N], lse [N]); a negative target
+    is not learned (loss 0, no gradient). None where it does not apply."""
+    path = _kernel_library()
+    if path is None:
+        return None
+    if "cross_entropy" not in _OPS:
+        from mindspore import ops
+        backward = ops.Custom(f"{path}:CrossEntropyBackward", func_type="aot",
+                              out_shape=lambda logits, targets, lse, dloss: logits,
+                              out_dtype=lambda logits, targets, lse, dloss: logits)
+
+        def bprop(logits, targets, out, dout):
+            return backward(logits, targets, out[1], dout[0]), ops.zeros_like(targets)
+
+        _OPS["cross_entropy"] = ops.Custom(f"{path}:CrossEntropyForward", func_type="aot", bprop=bprop,
+                                           out_shape=lambda logits, targets: (targets, targets),
+                                           out_dtype=lambda logits, targets: (logits, logits))
+    return _OPS["cross_entropy"]
