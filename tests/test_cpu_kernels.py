@@ -122,3 +122,25 @@ def test_without_a_compiler_the_model_keeps_mindspores_ops(monkeypatch, tmp_path
     logits = model(Tensor(np.arange(3, 27, dtype=np.int32).reshape(1, 24)))
     assert logits.shape == (1, 24, 64) and np.isfinite(logits.asnumpy()).all()
     assert not list(tmp_path.iterdir())  # nothing half-built left behind
+
+
+def adamw_after_steps(steps, weight_decay):
+    from mindsft.train.step import AdamWUpdate
+    rng = np.random.default_rng(5)
+    params = [ms.Parameter(Tensor(rng.standard_normal(shape).astype(np.float32)), name=f"p{i}")
+              for i, shape in enumerate([(33, 17), (17,)])]
+    update = AdamWUpdate(params, 0.9, 0.95, 1e-8, weight_decay)
+    for _ in range(steps):
+        grads = tuple(Tensor(rng.standard_normal(p.shape).astype(np.float32) * 1e-3) for p in params)
+        update(grads, Tensor(1e-2, ms.float32), Tensor(True))
+    return update, [p.asnumpy() for p in params] + [m.asnumpy() for m in update.moments_m + update.moments_v]
+
+
+def test_the_fused_adamw_step_equals_the_op_by_op_update(monkeypatch):
+    fused, fused_values = adamw_after_steps(3, weight_decay=0.1)
+    assert fused.fused is not None
+    monkeypatch.setenv("MINDSFT_CPU_KERNELS", "0")
+    plain, plain_values = adamw_after_steps(3, weight_decay=0.1)
+    assert plain.fused is None
+    for got, expected in zip(fused_values, plain_values):
+        assert np.abs(got - expected).max() <= 1e-6 * max(1e-3, np.abs(expected).max())

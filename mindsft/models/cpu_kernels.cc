@@ -298,3 +298,38 @@ extern "C" int CrossEntropyBackward(int nparam, void **params, int *ndims, int64
   });
   return 0;
 }
+
+// MindFormers' AdamWeightDecay step for one parameter (fp32, no bias correction), reading each of
+// param, m, v and grad once: next_m = b1 m + (1 - b1) g; next_v = b2 v + (1 - b2) g^2;
+// next_param = param - lr (next_m / (sqrt(next_v) + eps) + decay param), with g = grad * scale.
+// hyper = [lr, scale, beta1, beta2, eps, decay]. Outputs next_param, next_m, next_v.
+extern "C" int AdamWeightDecayStep(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *stream, void *extra) {
+  if (nparam != 8) return 1;
+  int64_t size = 1;
+  for (int i = 0; i < ndims[0]; i++) size *= shapes[0][i];
+  const float *param = static_cast<const float *>(params[0]);
+  const float *m = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  const float *grad = static_cast<const float *>(params[3]);
+  const float *hyper = static_cast<const float *>(params[4]);
+  float *next_param = static_cast<float *>(params[5]);
+  float *next_m = static_cast<float *>(params[6]);
+  float *next_v = static_cast<float *>(params[7]);
+  const float lr = hyper[0], scale = hyper[1], beta1 = hyper[2], beta2 = hyper[3], eps = hyper[4], decay = hyper[5];
+  constexpr int64_t CHUNK = 1 << 16;
+  const int64_t chunks = (size + CHUNK - 1) / CHUNK;
+  parallel_for(chunks, [&](int64_t c) {
+    const int64_t end = std::min(size, (c + 1) * CHUNK);
+    for (int64_t i = c * CHUNK; i < end; i++) {
+      const float g = grad[i] * scale;
+      const float mi = beta1 * m[i] + (1.0f - beta1) * g;
+      const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+      const float update = mi / (std::sqrt(vi) + eps) + decay * param[i];
+      next_param[i] = param[i] - lr * update;
+      next_m[i] = mi;
+      next_v[i] = vi;
+    }
+  });
+  return 0;
+}

@@ -7,6 +7,8 @@
   saved log-sum-exp.
 - Cross-entropy per row of logits: one read of the logits forward, one write of their gradient
   backward, where log_softmax + gather makes several passes over [tokens, vocab].
+- The AdamW step of one parameter: one read of param, moments and gradient, where the
+  op-by-op update makes a dozen passes.
 
 The C++ source is compiled once per machine with the system's g++ into a cache folder
 (`$MINDSFT_KERNEL_CACHE`, default `~/.cache/mindsft/kernels`). Where there is no compiler, or the
@@ -125,3 +127,16 @@ def cross_entropy():
                                            out_shape=lambda logits, targets: (targets, targets),
                                            out_dtype=lambda logits, targets: (logits, logits))
     return _OPS["cross_entropy"]
+
+
+def adamw_step():
+    """The op (param, m, v, grad, hyper [lr, grad scale, beta1, beta2, eps, decay]) ->
+    (next param, next m, next v), all fp32 (no gradient); None where it does not apply."""
+    path = _kernel_library()
+    if path is None:
+        return None
+    if "adamw" not in _OPS:
+        from mindspore import ops
+        _OPS["adamw"] = ops.Custom(f"{path}:AdamWeightDecayStep", func_type="aot",
+                                   out_shape=lambda p, m, v, g, h: (p, p, p), out_dtype=lambda p, m, v, g, h: (p, p, p))
+    return _OPS["adamw"]

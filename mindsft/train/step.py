@@ -6,8 +6,11 @@ every micro-batch of every rank before the division. Gradients are taken of the 
 divided by the global count after the all-reduce, so 2 ranks x batch b, 1 rank x batch 2b and
 2 accumulation steps x batch b all compute the same update.
 """
+import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+from mindsft.models.cpu_kernels import adamw_step
 
 
 class AdamWUpdate(nn.Cell):
@@ -26,6 +29,12 @@ class AdamWUpdate(nn.Cell):
                                         for p in params)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.decay = tuple(weight_decay if len(p.shape) >= 2 else 0.0 for p in params)
+        # The fused CPU step (one pass over each parameter) for fp32 parameters; it has no
+        # overflow skip, which fp16 loss scaling needs, so that keeps the op-by-op update.
+        fp32 = all(p.dtype == ms.float32 for p in params)
+        self.fused = None if skip_on_overflow or not fp32 else adamw_step()
+        # Per parameter: [grad scale, beta1, beta2, eps, decay], after the step's lr.
+        self.hyper = tuple(Tensor(np.array([1.0, beta1, beta2, eps, decay], np.float32)) for decay in self.decay)
 
     def state(self):
         """{name: Parameter} of the optimizer moments, for checkpoints."""
@@ -34,6 +43,13 @@ class AdamWUpdate(nn.Cell):
     def construct(self, grads, lr, keep):
         """Apply `grads`; where `keep` is False (an fp16 overflow) nothing changes."""
         done = ()
+        if self.fused is not None:
+            lr = lr.reshape(1)
+            for i in range(len(self.params)):
+                param, m, v = self.params[i], self.moments_m[i], self.moments_v[i]
+                next_param, next_m, next_v = self.fused(param, m, v, grads[i], ops.concat((lr, self.hyper[i])))
+                done += (ops.assign(param, next_param), ops.assign(m, next_m), ops.assign(v, next_v))
+            return done
         for i in range(len(self.params)):
             param, m, v, grad = self.params[i], self.moments_m[i], self.moments_v[i], grads[i].astype(ms.float32)
             param32 = param.astype(ms.float32)
