@@ -55,6 +55,15 @@ void parallel_for(int64_t count, Body body) {
   for (auto &thread : pool) thread.join();
 }
 
+// Runs body(i) for each row i in [0, rows), rows dealt out to the threads in turn.
+template <typename Body>
+void for_each_row(int64_t rows, Body body) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(rows, thread_budget()));
+  parallel_for(threads, [&](int64_t part) {
+    for (int64_t i = part; i < rows; i += threads) body(i);
+  });
+}
+
 // dst[d][j] = src[j][d]: a [seq, dim] block by columns, so products against all keys run over
 // contiguous j.
 void transpose(const float *src, float *dst, int64_t seq, int64_t dim, int64_t padded) {
@@ -255,18 +264,15 @@ extern "C" int CrossEntropyForward(int nparam, void **params, int *ndims, int64_
   const int32_t *targets = static_cast<const int32_t *>(params[1]);
   float *loss = static_cast<float *>(params[2]);
   float *lse = static_cast<float *>(params[3]);
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(rows, thread_budget()));
-  parallel_for(threads, [&](int64_t part) {
-    for (int64_t i = part; i < rows; i += threads) {
-      const float *x = logits + i * vocab;
-      float top = x[0];
-      for (int64_t j = 1; j < vocab; j++) top = std::max(top, x[j]);
-      float total = 0.0f;
-      for (int64_t j = 0; j < vocab; j++) total += std::exp(x[j] - top);
-      lse[i] = top + std::log(total);
-      const int32_t t = targets[i];
-      loss[i] = (t >= 0 && t < vocab) ? lse[i] - x[t] : 0.0f;
-    }
+  for_each_row(rows, [&](int64_t i) {
+    const float *x = logits + i * vocab;
+    float top = x[0];
+    for (int64_t j = 1; j < vocab; j++) top = std::max(top, x[j]);
+    float total = 0.0f;
+    for (int64_t j = 0; j < vocab; j++) total += std::exp(x[j] - top);
+    lse[i] = top + std::log(total);
+    const int32_t t = targets[i];
+    loss[i] = (t >= 0 && t < vocab) ? lse[i] - x[t] : 0.0f;
   });
   return 0;
 }
@@ -281,20 +287,17 @@ extern "C" int CrossEntropyBackward(int nparam, void **params, int *ndims, int64
   const float *lse = static_cast<const float *>(params[2]);
   const float *dloss = static_cast<const float *>(params[3]);
   float *dlogits = static_cast<float *>(params[4]);
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(rows, thread_budget()));
-  parallel_for(threads, [&](int64_t part) {
-    for (int64_t i = part; i < rows; i += threads) {
-      const float *x = logits + i * vocab;
-      float *dx = dlogits + i * vocab;
-      const int32_t t = targets[i];
-      if (t < 0 || t >= vocab) {
-        std::fill(dx, dx + vocab, 0.0f);
-        continue;
-      }
-      const float g = dloss[i], shift = lse[i];
-      for (int64_t j = 0; j < vocab; j++) dx[j] = g * std::exp(x[j] - shift);
-      dx[t] -= g;
+  for_each_row(rows, [&](int64_t i) {
+    const float *x = logits + i * vocab;
+    float *dx = dlogits + i * vocab;
+    const int32_t t = targets[i];
+    if (t < 0 || t >= vocab) {
+      std::fill(dx, dx + vocab, 0.0f);
+      return;
     }
+    const float g = dloss[i], shift = lse[i];
+    for (int64_t j = 0; j < vocab; j++) dx[j] = g * std::exp(x[j] - shift);
+    dx[t] -= g;
   });
   return 0;
 }
