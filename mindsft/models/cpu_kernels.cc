@@ -214,7 +214,7 @@ void backward(const Dims &n, const float *q, const float *k, const float *v, con
 
 }  // namespace
 
-#define MINDSFT_HEAD_DIMS(X) X(8) X(16) X(32) X(64) X(128)
+#define MINDSFT_HEAD_DIMS(X) X(32) X(64) X(128)
 
 extern "C" int CausalAttentionForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                       void *stream, void *extra) {
