@@ -1,11 +1,10 @@
 """Data parallel over real msrun workers on this machine, against the single-process run."""
 import subprocess
 
-import numpy as np
 import pytest
 
-from trainkit import (ROOT, cli_args, env, final_weights, free_port, losses, run_msrun, run_python, worker_logs,
-                      write_qa_mindrecord, write_start_checkpoint)
+from trainkit import (ROOT, assert_same_run, cli_args, env, free_port, losses, run_msrun, run_python,
+                      worker_logs, write_qa_mindrecord, write_start_checkpoint)
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +24,6 @@ def single_process_run(tmp_path_factory, dataset):
                                  **{"runner_config.batch_size": 4, "runner_config.epochs": 2}))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
-
-
-def assert_same_run(dir_a, dir_b):
-    np.testing.assert_allclose(losses(dir_a), losses(dir_b), atol=1e-5, rtol=0)
-    weights_a, weights_b = final_weights(dir_a), final_weights(dir_b)
-    assert weights_a.keys() == weights_b.keys()
-    for name in weights_a:
-        np.testing.assert_allclose(weights_a[name], weights_b[name], atol=1e-5, rtol=0, err_msg=name)
 
 
 def test_two_workers_with_batch_b_reproduce_one_worker_with_batch_2b(tmp_path, dataset, single_process_run):
