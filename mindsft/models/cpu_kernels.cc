@@ -13,7 +13,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -38,7 +37,7 @@ int64_t thread_budget() {
   return budget;
 }
 
-// Runs body(task) for task in [0, count) on up to thread_budget() threads.
+// Runs body(task) for task in [0, count) on up to thread_budget() threads, dealt out in turn.
 template <typename Body>
 void parallel_for(int64_t count, Body body) {
   int64_t threads = std::max<int64_t>(1, std::min<int64_t>(count, thread_budget()));
@@ -55,15 +54,6 @@ void parallel_for(int64_t count, Body body) {
   for (auto &thread : pool) thread.join();
 }
 
-// Runs body(i) for each row i in [0, rows), rows dealt out to the threads in turn.
-template <typename Body>
-void for_each_row(int64_t rows, Body body) {
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(rows, thread_budget()));
-  parallel_for(threads, [&](int64_t part) {
-    for (int64_t i = part; i < rows; i += threads) body(i);
-  });
-}
-
 // dst[d][j] = src[j][d]: a [seq, dim] block by columns, so products against all keys run over
 // contiguous j.
 void transpose(const float *src, float *dst, int64_t seq, int64_t dim, int64_t padded) {
@@ -75,13 +65,13 @@ constexpr int64_t ROWS = 8;   // query rows per block: their accumulators stay i
 constexpr int64_t LANES = 16;  // key columns per inner step (one AVX-512 vector of fp32)
 
 // s[r][j] = sum_d x[r][d] * cols[d][j] for ROWS rows of x (row stride dim) and j < width (a
-// multiple of LANES; s has row stride `stride`).
+// multiple of LANES); cols and s both have row stride `stride`.
 void rows_times_columns(const float *x, int64_t rows, const float *cols, float *s, int64_t width, int64_t stride,
-                        int64_t seq, int64_t dim) {
+                        int64_t dim) {
   for (int64_t j0 = 0; j0 < width; j0 += LANES) {
     float acc[ROWS][LANES] = {};
     for (int64_t d = 0; d < dim; d++) {
-      const float *col = cols + d * seq + j0;
+      const float *col = cols + d * stride + j0;
       for (int64_t r = 0; r < ROWS; r++) {
         const float xr = r < rows ? x[r * dim + d] : 0.0f;
         for (int64_t l = 0; l < LANES; l++) acc[r][l] += xr * col[l];
@@ -92,10 +82,9 @@ void rows_times_columns(const float *x, int64_t rows, const float *cols, float *
   }
 }
 
-// out[r][:] (+)= sum_{j < width} w[r][j] * m[j][:] for ROWS rows; m is [seq, dim] row-major.
+// out[r][:] = sum_{j < width} w[r][j] * m[j][:] for ROWS rows; m is [seq, dim] row-major.
 template <int64_t DIM>
-void weights_times_rows(const float *w, int64_t rows, int64_t stride, const float *m, int64_t width, float *out,
-                        bool add) {
+void weights_times_rows(const float *w, int64_t rows, int64_t stride, const float *m, int64_t width, float *out) {
   float acc[ROWS][DIM] = {};
   for (int64_t j = 0; j < width; j++) {
     const float *mj = m + j * DIM;
@@ -105,7 +94,7 @@ void weights_times_rows(const float *w, int64_t rows, int64_t stride, const floa
     }
   }
   for (int64_t r = 0; r < rows; r++)
-    for (int64_t d = 0; d < DIM; d++) out[r * DIM + d] = (add ? out[r * DIM + d] : 0.0f) + acc[r][d];
+    for (int64_t d = 0; d < DIM; d++) out[r * DIM + d] = acc[r][d];
 }
 
 // out[j][:] += sum_r w[r][j] * x[r][:] for j < width: the transpose product (dk, dv).
@@ -141,7 +130,7 @@ void forward(const Dims &n, const float *q, const float *k, const float *v, floa
       for (int64_t i0 = 0; i0 < S; i0 += ROWS) {
         const int64_t rows = std::min(ROWS, S - i0);
         const int64_t width = std::min(padded, (i0 + rows + LANES - 1) / LANES * LANES);
-        rows_times_columns(qh + i0 * D, rows, kt.data(), p.data(), width, padded, padded, D);
+        rows_times_columns(qh + i0 * D, rows, kt.data(), p.data(), width, padded, D);
         for (int64_t row = 0; row < rows; row++) {
           const int64_t i = i0 + row;
           float *pr = p.data() + row * padded;
@@ -157,7 +146,7 @@ void forward(const Dims &n, const float *q, const float *k, const float *v, floa
           std::fill(pr + i + 1, pr + width, 0.0f);
           lh[i] = top + std::log(total);
         }
-        weights_times_rows<D>(p.data(), rows, padded, vb, std::min(width, S), oh + i0 * D, false);
+        weights_times_rows<D>(p.data(), rows, padded, vb, std::min(width, S), oh + i0 * D);
       }
     }
   });
@@ -188,8 +177,8 @@ void backward(const Dims &n, const float *q, const float *k, const float *v, con
       for (int64_t i0 = 0; i0 < S; i0 += ROWS) {
         const int64_t rows = std::min(ROWS, S - i0);
         const int64_t width = std::min(padded, (i0 + rows + LANES - 1) / LANES * LANES);
-        rows_times_columns(qh + i0 * D, rows, kt.data(), p.data(), width, padded, padded, D);
-        rows_times_columns(doh + i0 * D, rows, vt.data(), ds.data(), width, padded, padded, D);
+        rows_times_columns(qh + i0 * D, rows, kt.data(), p.data(), width, padded, D);
+        rows_times_columns(doh + i0 * D, rows, vt.data(), ds.data(), width, padded, D);
         for (int64_t row = 0; row < rows; row++) {
           const int64_t i = i0 + row;
           float *pr = p.data() + row * padded, *dsr = ds.data() + row * padded;
@@ -204,7 +193,7 @@ void backward(const Dims &n, const float *q, const float *k, const float *v, con
           std::fill(dsr + i + 1, dsr + width, 0.0f);
         }
         const int64_t keys = std::min(width, S);
-        weights_times_rows<D>(ds.data(), rows, padded, kb, keys, dqh + i0 * D, false);
+        weights_times_rows<D>(ds.data(), rows, padded, kb, keys, dqh + i0 * D);
         columns_times_rows<D>(ds.data(), rows, padded, qh + i0 * D, keys, dkb);
         columns_times_rows<D>(p.data(), rows, padded, doh + i0 * D, keys, dvb);
       }
@@ -264,7 +253,7 @@ extern "C" int CrossEntropyForward(int nparam, void **params, int *ndims, int64_
   const int32_t *targets = static_cast<const int32_t *>(params[1]);
   float *loss = static_cast<float *>(params[2]);
   float *lse = static_cast<float *>(params[3]);
-  for_each_row(rows, [&](int64_t i) {
+  parallel_for(rows, [&](int64_t i) {
     const float *x = logits + i * vocab;
     float top = x[0];
     for (int64_t j = 1; j < vocab; j++) top = std::max(top, x[j]);
@@ -287,7 +276,7 @@ extern "C" int CrossEntropyBackward(int nparam, void **params, int *ndims, int64
   const float *lse = static_cast<const float *>(params[2]);
   const float *dloss = static_cast<const float *>(params[3]);
   float *dlogits = static_cast<float *>(params[4]);
-  for_each_row(rows, [&](int64_t i) {
+  parallel_for(rows, [&](int64_t i) {
     const float *x = logits + i * vocab;
     float *dx = dlogits + i * vocab;
     const int32_t t = targets[i];
