@@ -137,7 +137,7 @@ def run_predict(model, tokenizer, predict_data, generation_config=None, template
                 compute_loss=True, show_progress=True):
     """Generate replies for `predict_data` and, when records have labels, score them.
 
-    model: a LlamaForCausalLM with weights loaded; tokenizer: a LlamaTokenizer;
+    model: a LlamaForCausalLM with weights loaded; tokenizer: a mindsft tokenizer (`load_tokenizer`);
     generation_config: a GenerationConfig or a mapping of HF generation_config keys;
     template_name: the training data's template (`raw` for plain completion);
     output_dir: where generated_predictions.jsonl and predict_results.json go (None: not written);
@@ -147,10 +147,18 @@ def run_predict(model, tokenizer, predict_data, generation_config=None, template
     if not isinstance(generation_config, GenerationConfig):
         generation_config = GenerationConfig.from_mapping(generation_config or {})
     if generation_config.eos_token_id is None:
-        generation_config = generation_config.updated(eos_token_id=tokenizer.eos_id)
+        # Every end token of the model (generation_config.json may list several, as Llama 3's does).
+        generation_config = generation_config.updated(eos_token_id=list(tokenizer.end_ids) or None)
     if generation_config.pad_token_id is None:
         generation_config = generation_config.updated(pad_token_id=tokenizer.pad_id)
-    template = get_template(template_name or "raw", tokenizer_config_path)
+    template = get_template(template_name or "raw", tokenizer_config_path, tokenizer)
+    if template.end_token not in ("eos", None):
+        # The template's turn end (Llama 3's <|eot_id|>) stops a reply even where the
+        # tokenizer's eos is another token (a base model's <|end_of_text|>).
+        end_id = tokenizer.special_id(template.end_token)
+        if end_id not in generation_config.stop_token_ids:
+            generation_config = generation_config.updated(
+                stop_token_ids=list(generation_config.stop_token_ids) + [end_id])
     records = load_prompt_records(predict_data)
     prompts_text = [template.render_prompt(r.messages) for r in records]
     prompts_ids = [template.encode_prompt(tokenizer, r.messages) for r in records]
@@ -259,11 +267,22 @@ def resolve_template(config):
     return DEFAULT_TEMPLATE, "default"
 
 
+def recorded_tokenizer_config(config, template_name):
+    """For template hf: the tokenizer_config.json llama_preprocess rendered the training data with
+    (None: the tokenizer's own, beside its tokenizer.json)."""
+    dataset_dir = config.train_dataset.data_loader.dataset_dir
+    if template_name != "hf" or not dataset_dir:
+        return None
+    from mindsft.data.schema import dataset_manifest
+    path = (dataset_manifest(dataset_dir) or {}).get("tokenizer_config")
+    return path if path and os.path.isfile(path) else None
+
+
 def run(config):
     """run_mode predict from a run config: build the model, load `load_checkpoint`, answer
     `predict_data` in the training template, write the outputs to `output_dir`."""
     from mindsft.errors import ConfigError
-    from mindsft.tokenizer import LlamaTokenizer
+    from mindsft.tokenizer import load_tokenizer
     from mindsft.train import checkpoint as ckpt
     import mindspore as ms
     from mindsft.train.recipe import build_model, load_weights
@@ -275,8 +294,9 @@ def run(config):
     tokenizer_file = config.processor.tokenizer.vocab_file
     if not tokenizer_file:
         raise ConfigError("run_mode predict needs the tokenizer: set processor.tokenizer.vocab_file "
-                          "(--processor.tokenizer.vocab_file PATH/tokenizer.model)")
-    tokenizer = LlamaTokenizer(tokenizer_file)
+                          "(--processor.tokenizer.vocab_file PATH/tokenizer.model, PATH/tokenizer.json or an "
+                          "HF model folder)")
+    tokenizer = load_tokenizer(tokenizer_file)
     template_name, source = resolve_template(config)
     print(f"template: {template_name} (from {source})")
     # Generation compiles its own steps with ms.jit; only an accelerator needs selecting.
@@ -286,7 +306,7 @@ def run(config):
     model = build_model(config)
     load_weights(model, ckpt.find_weights_file(config.load_checkpoint))
     result = run_predict(model, tokenizer, config.predict_data, config.generation_config, template_name,
-                         output_dir=config.output_dir)
+                         output_dir=config.output_dir, tokenizer_config_path=recorded_tokenizer_config(config, template_name))
     metrics = result["metrics"]
     print(f"prefill {metrics['prefill_tokens_per_second']:.1f} tokens/s, "
           f"decode {metrics['decode_tokens_per_second']:.1f} tokens/s; "

@@ -16,7 +16,8 @@ def build_parser():
                     "is written beside the output as <output_file>.stats.json.")
     parser.add_argument("--dataset_type", default="qa", choices=["qa", "wiki"], help="qa (default) or wiki")
     parser.add_argument("--input_glob", required=True, help="input file or glob (quote it), files read in sorted order")
-    parser.add_argument("--model_file", required=True, help="the Llama SentencePiece tokenizer.model")
+    parser.add_argument("--model_file", required=True, help="the tokenizer: a SentencePiece tokenizer.model, a HuggingFace tokenizer.json "
+                             "or a HuggingFace model folder")
     parser.add_argument("--seq_length", type=int, default=2048, help="records are seq_length+1 tokens (default 2048)")
     parser.add_argument("--output_file", required=True,
                         help="output path, e.g. out/alpaca.mindrecord; with --file_partition N the shards "
@@ -28,7 +29,8 @@ def build_parser():
     parser.add_argument("--template", default="vicuna_v1.1", choices=TEMPLATE_NAMES,
                         help="qa prompt template (default vicuna_v1.1, MindFormers' and FastChat's)")
     parser.add_argument("--tokenizer_config", default=None,
-                        help="tokenizer_config.json whose chat_template --template hf uses")
+                        help="tokenizer_config.json whose chat_template --template hf uses (default: the one "
+                             "beside the tokenizer.json)")
     parser.add_argument("--on_error", default="raise", choices=["raise", "skip"],
                         help="on a malformed record: stop (raise, default) or count it and go on (skip)")
     parser.add_argument("--drop_overlong", action="store_true",

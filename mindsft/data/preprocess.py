@@ -1,7 +1,8 @@
 """Instruction data and WikiText to MindRecord shards, MindFormers' format with exact label masks.
 
-qa: BOS, then each round of the template tokenized on its own, EOS after each reply, right-padded
-with the pad id to `seq_length + 1`. Labels are the token ids where the model learns (reply
+qa: BOS, then each round of the template tokenized on its own, EOS after each reply (a
+tokenizer.json encodes the whole conversation as one text, as `apply_chat_template` does),
+right-padded with the pad id to `seq_length + 1`. Labels are the token ids where the model learns (reply
 tokens and the EOS closing each reply) and -100 elsewhere; the boundary comes from the tokenizer's
 byte offsets, so no sample is blanked by a count mismatch. Labels are not shifted: the model
 shifts them.
@@ -31,8 +32,8 @@ from mindsft.data.mindrecord import EmptyOutputError, write_mindrecord
 from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, record_length
 from mindsft.errors import ConfigError, DataError
 from mindsft.files import atomic_output
-from mindsft.templates import encode_segment_arrays, get_template
-from mindsft.tokenizer import LlamaTokenizer
+from mindsft.templates import check_template_tokens, encode_segment_arrays, get_template
+from mindsft.tokenizer import load_tokenizer
 
 CHUNK_RECORDS = 256  # records per worker task: 64 measured ~10% slower with 2 workers (pickling, IPC)
 
@@ -125,7 +126,8 @@ _WORKER = {}
 
 
 def _init_worker(model_file, template, tokenizer_config, seq_length, drop_overlong):
-    _WORKER.update(tokenizer=LlamaTokenizer(model_file), template=get_template(template, tokenizer_config),
+    tokenizer = load_tokenizer(model_file)
+    _WORKER.update(tokenizer=tokenizer, template=get_template(template, tokenizer_config, tokenizer),
                    seq_length=seq_length, drop_overlong=drop_overlong)
 
 
@@ -307,9 +309,11 @@ def _wiki_records(options, stats, pad_id, map_in_order):
 def preprocess(options):
     """Tokenize the input files into MindRecord shards plus `<output_file>.stats.json`; returns stats."""
     options.validate()
-    tokenizer = LlamaTokenizer(options.model_file)
-    if options.dataset_type == "qa":
-        get_template(options.template, options.tokenizer_config)  # fail on a bad template before any work
+    tokenizer = load_tokenizer(options.model_file)
+    template = None
+    if options.dataset_type == "qa":  # fail on a bad template, or one the tokenizer cannot spell, before any work
+        template = get_template(options.template, options.tokenizer_config, tokenizer)
+        check_template_tokens(template, tokenizer)
     stats = RunStats()
     make_records = _qa_records if options.dataset_type == "qa" else _wiki_records
     with _gc_paused(), _workers(options) as map_in_order:
@@ -324,8 +328,9 @@ def preprocess(options):
         "template": options.template if options.dataset_type == "qa" else None,
         "seq_length": options.seq_length,
         "record_length": record_length(options.seq_length),
-        "tokenizer": os.path.abspath(options.model_file),
+        "tokenizer": os.path.abspath(tokenizer.path),
         "tokenizer_sha256": tokenizer.sha256(),
+        "tokenizer_config": getattr(template, "path", None) and os.path.abspath(template.path),
         "input_files": [os.path.abspath(p) for p in stats.input_files],
         "output_files": shards,
         "file_partition": options.file_partition,
