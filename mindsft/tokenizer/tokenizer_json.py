@@ -178,6 +178,8 @@ class JsonTokenizer(Tokenizer):
         byte_at = np.concatenate(([0], np.cumsum(widths)))
         offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
         ends = np.maximum.accumulate(byte_at[offsets[:, 1]])
+        # Text a normalizer folded away at the end (a combining accent NFC composed) is the last token's.
+        ends[-1] = byte_at[-1]
         return np.concatenate(([0], ends[:-1])), ends
 
     def decode(self, ids):
