@@ -163,3 +163,54 @@ def test_real_special_ids():
     assert qwen3.encode("Hello world!", add_bos=qwen3.adds_bos) == [9707, 1879, 0]
     assert (qwen3.bos_id, qwen3.eos_id, qwen3.pad_id) == (None, 151645, 151643)
     assert np.asarray(qwen3.encode("<|im_start|>")).tolist() == [151644]
+
+
+# --- llama_preprocess with a tokenizer.json: real MindRecord shards ---
+
+def test_preprocess_with_a_tokenizer_json_writes_apply_chat_template_ids_and_reply_labels(bpe_dir, tmp_path):
+    """Two workers, the `hf` template from the folder's own tokenizer_config.json: each record
+    holds apply_chat_template's ids, padded with the pad id, and learns each reply and <|eot_id|>."""
+    from mindsft.data.mindrecord import read_mindrecord
+    from mindsft.data.preprocess import PreprocessOptions, preprocess
+    from mindsft.sample import SAMPLE_ALPACA
+    from tokenizer_helpers import learned_runs
+    conversations = load_conversations(SAMPLE_ALPACA)
+    output = tmp_path / "out" / "data.mindrecord"
+    stats = preprocess(PreprocessOptions(
+        input_glob=str(SAMPLE_ALPACA), model_file=str(bpe_dir), output_file=str(output), seq_length=512,
+        template="hf", num_workers=2, progress=False, command_line=["test"]))
+    ours, ref = load_tokenizer(bpe_dir), reference(bpe_dir)
+    records = read_mindrecord(output)
+    assert len(records) == len(conversations) == stats["records_written"] and stats["truncated"] == 0
+    assert stats["tokenizer"] == str(bpe_dir / "tokenizer.json")
+    assert stats["tokenizer_config"] == str(bpe_dir / "tokenizer_config.json")
+    for record, messages in zip(records, conversations):
+        expected = list(ref.apply_chat_template(messages, tokenize=True)["input_ids"])
+        ids, labels = record["input_ids"].tolist(), record["labels"].tolist()
+        assert ids[:len(expected)] == expected and set(ids[len(expected):]) <= {ours.pad_id}
+        learned = [label != -100 for label in labels]
+        assert [ours.decode(run) for run in learned_runs(ids, learned)] == [messages[1]["content"].strip() + "<|eot_id|>"]
+
+
+def test_preprocess_cli_takes_an_hf_folder_and_the_llama3_template(bpe_dir, tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from mindsft.sample import SAMPLE_ALPACA
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "llama_preprocess.py"), "--input_glob", str(SAMPLE_ALPACA),
+                          "--model_file", str(bpe_dir), "--output_file", str(tmp_path / "d.mindrecord"),
+                          "--seq_length", "256", "--template", "llama3", "--no_progress"],
+                         capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "GLOG_v": "3",
+                                                                       "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert "Wrote" in out.stdout
+
+
+def test_preprocess_refuses_a_template_the_tokenizer_cannot_spell(tiny_hf_dir, tmp_path):
+    from mindsft.data.preprocess import PreprocessOptions, preprocess
+    from mindsft.errors import ConfigError
+    from mindsft.sample import SAMPLE_ALPACA
+    with pytest.raises(ConfigError, match="'<|start_header_id|>' is not a token"):
+        preprocess(PreprocessOptions(input_glob=str(SAMPLE_ALPACA), model_file=str(tiny_hf_dir / "tokenizer.model"),
+                                     output_file=str(tmp_path / "d.mindrecord"), template="llama3", progress=False))
+    assert not list(tmp_path.iterdir())
