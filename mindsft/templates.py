@@ -517,7 +517,25 @@ def encode_segment_arrays(tokenizer, segments):
     return np.concatenate(ids).astype(np.int32), np.concatenate(learned).astype(bool)
 
 
+def encode_segment_batch(tokenizer, segments_list):
+    """`encode_segment_arrays` of each conversation in `segments_list`, as a list; a tokenizer.json
+    encodes them all in one call."""
+    if not tokenizer.parses_special_text:
+        return [encode_segment_arrays(tokenizer, segments) for segments in segments_list]
+    texts_and_spans = [_one_text(tokenizer, segments) for segments in segments_list]
+    encoded = tokenizer.encode_spans_batch([text for text, _ in texts_and_spans])
+    return [(ids.astype(np.int32), overlap_mask(begins, ends, spans))
+            for (ids, begins, ends), (_, spans) in zip(encoded, texts_and_spans)]
+
+
 def _encode_as_one_text(tokenizer, segments):
+    text, spans = _one_text(tokenizer, segments)
+    ids, begins, ends = tokenizer.encode_spans(text)
+    return ids.astype(np.int32), overlap_mask(begins, ends, spans)
+
+
+def _one_text(tokenizer, segments):
+    """The conversation as one text (special tokens written as text) and its learned byte spans."""
     pieces, spans, offset = [], [], 0
     for segment in segments:
         text = segment.text if segment.special is None else tokenizer.special_text(segment.special)
@@ -531,8 +549,7 @@ def _encode_as_one_text(tokenizer, segments):
                 spans.append((offset, offset + size))
         pieces.append(text)
         offset += size
-    ids, begins, ends = tokenizer.encode_spans("".join(pieces))
-    return ids.astype(np.int32), overlap_mask(begins, ends, spans)
+    return "".join(pieces), spans
 
 
 def overlap_mask(begins, ends, spans):

@@ -8,7 +8,7 @@ from conftest import shared_file
 from mindsft.data.conversations import load_conversations
 from mindsft.data.preprocess import encode_conversation
 from mindsft.errors import ConfigError
-from mindsft.templates import check_template_tokens, encode_segments, get_template
+from mindsft.templates import check_template_tokens, encode_segment_batch, encode_segments, get_template
 from mindsft.tokenizer import load_tokenizer
 from tokenizer_helpers import (LLAMA3_JINJA, MISTRAL_V03_JINJA, QWEN25_JINJA, learned_runs,
                                write_bpe_tokenizer)
@@ -34,9 +34,12 @@ def reference_ids(ref, messages, **kwargs):
 def assert_matches_apply_chat_template(ours, ref, template, conversations, expected_replies):
     """Whole conversations through mindsft's preprocessing code give apply_chat_template's ids;
     the learned tokens decode to each reply and its end token; the prompt at every user turn
-    gives apply_chat_template's generation prompt and opens the training ids."""
-    for messages in conversations:
+    gives apply_chat_template's generation prompt and opens the training ids. Encoded one by one
+    and as a batch (as preprocessing workers encode a chunk), with the same result."""
+    batch = encode_segment_batch(ours, [template.segments(messages) for messages in conversations])
+    for messages, (batch_ids, batch_learned) in zip(conversations, batch):
         ids, learned = encode_conversation(ours, template, messages)
+        assert ids.tolist() == batch_ids.tolist() and learned.tolist() == batch_learned.tolist()
         ids, learned = ids.tolist(), learned.tolist()
         assert ids == reference_ids(ref, messages), messages
         assert [ours.decode(run) for run in learned_runs(ids, learned)] == expected_replies(messages)
