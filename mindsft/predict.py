@@ -132,6 +132,25 @@ class StreamPrinter:
         self.out.flush()
 
 
+def generation_settings(generation_config, tokenizer, template):
+    """The GenerationConfig of a predict run: the given settings, stopping at every end token of the
+    model (generation_config.json may list several, as Llama 3.1's does) and at the template's turn
+    end, padding with the tokenizer's pad id."""
+    if not isinstance(generation_config, GenerationConfig):
+        generation_config = GenerationConfig.from_mapping(generation_config or {})
+    if generation_config.eos_token_id is None:
+        generation_config = generation_config.updated(eos_token_id=list(tokenizer.end_ids) or None)
+    if generation_config.pad_token_id is None:
+        generation_config = generation_config.updated(pad_token_id=tokenizer.pad_id)
+    if template.end_token not in ("eos", None):
+        # Llama 3's <|eot_id|> stops a reply even where the eos is another token (a base model's).
+        end_id = tokenizer.special_id(template.end_token)
+        if end_id not in generation_config.stop_token_ids:
+            generation_config = generation_config.updated(
+                stop_token_ids=list(generation_config.stop_token_ids) + [end_id])
+    return generation_config
+
+
 def run_predict(model, tokenizer, predict_data, generation_config=None, template_name="raw",
                 output_dir=None, batch_size=8, tokenizer_config_path=None, stream=None,
                 compute_loss=True, show_progress=True):
@@ -144,21 +163,8 @@ def run_predict(model, tokenizer, predict_data, generation_config=None, template
     stream: a text stream to print a single prompt's reply as it grows (None: stdout when there
     is exactly one prompt; False: never). Returns {"predictions": [...], "metrics": {...}}.
     """
-    if not isinstance(generation_config, GenerationConfig):
-        generation_config = GenerationConfig.from_mapping(generation_config or {})
-    if generation_config.eos_token_id is None:
-        # Every end token of the model (generation_config.json may list several, as Llama 3's does).
-        generation_config = generation_config.updated(eos_token_id=list(tokenizer.end_ids) or None)
-    if generation_config.pad_token_id is None:
-        generation_config = generation_config.updated(pad_token_id=tokenizer.pad_id)
     template = get_template(template_name or "raw", tokenizer_config_path, tokenizer)
-    if template.end_token not in ("eos", None):
-        # The template's turn end (Llama 3's <|eot_id|>) stops a reply even where the
-        # tokenizer's eos is another token (a base model's <|end_of_text|>).
-        end_id = tokenizer.special_id(template.end_token)
-        if end_id not in generation_config.stop_token_ids:
-            generation_config = generation_config.updated(
-                stop_token_ids=list(generation_config.stop_token_ids) + [end_id])
+    generation_config = generation_settings(generation_config, tokenizer, template)
     records = load_prompt_records(predict_data)
     prompts_text = [template.render_prompt(r.messages) for r in records]
     prompts_ids = [template.encode_prompt(tokenizer, r.messages) for r in records]

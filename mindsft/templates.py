@@ -86,9 +86,12 @@ class Template:
         """Segments of round `index`; `reply` is None for the generation prompt."""
         raise NotImplementedError
 
-    def segments(self, messages, system=None, add_generation_prompt=False):
+    def segments(self, messages, system=None, add_generation_prompt=False, tools=None):
         """The whole conversation as segments. With `add_generation_prompt` the last message must
         be a user turn and the segments end where the assistant's reply starts."""
+        if tools:
+            raise DataError(f"the record has tools, which template {self.name!r} cannot write "
+                            "(use --template hf with a chat_template that takes tools)")
         system, turns = split_system(messages, system)
         if system is None:
             system = self.default_system

@@ -187,3 +187,25 @@ def test_qwen3_tools_tool_calls_and_think_blocks_render_as_transformers():
     assert all("temp" not in run for run in runs)
     prompt = template.encode_prompt(ours, messages[:2], tools=QWEN3_TOOLS)
     assert prompt == reference_ids(ref, messages[:2], tools=QWEN3_TOOLS, add_generation_prompt=True)
+
+
+def test_preprocess_reads_openai_records_with_tools_for_the_hf_template(tmp_path):
+    """A JSON Lines record with `tools`, an assistant tool call and a tool turn becomes the ids
+    transformers gives it, through llama_preprocess."""
+    from mindsft.data.mindrecord import read_mindrecord
+    from mindsft.data.preprocess import PreprocessOptions, preprocess
+    folder = shared_file("tokenizers/qwen3")
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps({"messages": QWEN3_TOOL_CONVERSATION, "tools": QWEN3_TOOLS}) + "\n")
+    preprocess(PreprocessOptions(input_glob=str(data), model_file=str(folder), output_file=str(tmp_path / "t.mindrecord"),
+                                 seq_length=512, template="hf", progress=False, command_line=["test"]))
+    record = read_mindrecord(tmp_path / "t.mindrecord")[0]
+    expected = reference_ids(transformers.AutoTokenizer.from_pretrained(str(folder)), QWEN3_TOOL_CONVERSATION,
+                             tools=QWEN3_TOOLS)
+    assert record["input_ids"][:len(expected)].tolist() == expected
+
+
+def test_tools_with_a_builtin_template_are_a_data_error():
+    from mindsft.errors import DataError
+    with pytest.raises(DataError, match="template 'qwen' cannot write"):
+        get_template("qwen").segments(CONVERSATIONS[0], tools=QWEN3_TOOLS)

@@ -214,3 +214,19 @@ def test_preprocess_refuses_a_template_the_tokenizer_cannot_spell(tiny_hf_dir, t
         preprocess(PreprocessOptions(input_glob=str(SAMPLE_ALPACA), model_file=str(tiny_hf_dir / "tokenizer.model"),
                                      output_file=str(tmp_path / "d.mindrecord"), template="llama3", progress=False))
     assert not list(tmp_path.iterdir())
+
+
+def test_predict_stops_at_every_end_token_and_the_templates_turn_end(bpe_dir, tmp_path):
+    from mindsft.predict import generation_settings
+    from mindsft.templates import get_template
+    ours = load_tokenizer(bpe_dir)
+    settings = generation_settings({"max_new_tokens": 4}, ours, get_template("llama3"))
+    assert settings.stop_ids() == {ours.eos_id, 1}  # <|eot_id|> and generation_config's <|end_of_text|>
+    assert settings.pad_token_id == ours.pad_id
+    # a base model's tokenizer whose eos is <|end_of_text|>: the llama3 template still stops at <|eot_id|>
+    base = write_bpe_tokenizer(tmp_path / "base", eos="<|end_of_text|>")
+    base_tokenizer = load_tokenizer(base)
+    settings = generation_settings({}, base_tokenizer, get_template("llama3"))
+    assert settings.stop_ids() == {base_tokenizer.token_to_id("<|end_of_text|>"), base_tokenizer.token_to_id("<|eot_id|>")}
+    # settings given in the run config win
+    assert generation_settings({"eos_token_id": 5}, ours, get_template("raw")).stop_ids() == {5}

@@ -27,7 +27,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from mindsft.data.conversations import normalize_record, read_json_records
+from mindsft.data.conversations import normalize_record, read_json_records, record_tools
 from mindsft.data.mindrecord import EmptyOutputError, write_mindrecord
 from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, record_length
 from mindsft.errors import ConfigError, DataError
@@ -137,7 +137,7 @@ def _qa_task(chunk):
     out, segments, laid_out = [None] * len(chunk), [], []
     for position, (path, index, raw) in enumerate(chunk):
         try:
-            segments.append(template.segments(normalize_record(raw)))
+            segments.append(template.segments(normalize_record(raw), tools=record_tools(raw)))
         except DataError as err:
             out[position] = (path, index, "error", str(err))
             continue
