@@ -1,6 +1,7 @@
 """A HuggingFace tokenizer.json encodes as transformers' AutoTokenizer does, with exact byte spans,
 the special tokens of its tokenizer_config.json and every end token of generation_config.json."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -210,7 +211,7 @@ def test_preprocess_refuses_a_template_the_tokenizer_cannot_spell(tiny_hf_dir, t
     from mindsft.data.preprocess import PreprocessOptions, preprocess
     from mindsft.errors import ConfigError
     from mindsft.sample import SAMPLE_ALPACA
-    with pytest.raises(ConfigError, match="'<|start_header_id|>' is not a token"):
+    with pytest.raises(ConfigError, match=re.escape("'<|begin_of_text|>' is not a token")):
         preprocess(PreprocessOptions(input_glob=str(SAMPLE_ALPACA), model_file=str(tiny_hf_dir / "tokenizer.model"),
                                      output_file=str(tmp_path / "d.mindrecord"), template="llama3", progress=False))
     assert not list(tmp_path.iterdir())
@@ -230,3 +231,19 @@ def test_predict_stops_at_every_end_token_and_the_templates_turn_end(bpe_dir, tm
     assert settings.stop_ids() == {base_tokenizer.token_to_id("<|end_of_text|>"), base_tokenizer.token_to_id("<|eot_id|>")}
     # settings given in the run config win
     assert generation_settings({"eos_token_id": 5}, ours, get_template("raw")).stop_ids() == {5}
+
+
+def test_with_two_workers_a_template_the_tokenizer_cannot_spell_is_one_line_no_traceback(tiny_hf_dir, tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from mindsft.sample import SAMPLE_ALPACA
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "llama_preprocess.py"), "--input_glob", str(SAMPLE_ALPACA),
+                          "--model_file", str(tiny_hf_dir / "tokenizer.model"), "--output_file",
+                          str(tmp_path / "d.mindrecord"), "--template", "llama3", "--num_workers", "2", "--no_progress"],
+                         capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "GLOG_v": "3",
+                                                                       "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"error: {tiny_hf_dir / 'tokenizer.model'}: '<|begin_of_text|>' is not a token of this tokenizer; "
+        "the template needs the tokenizer of its model family"]

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from mindsft.data.conversations import normalize_record, read_json_records, record_tools
 from mindsft.data.mindrecord import EmptyOutputError, write_mindrecord
 from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, record_length
-from mindsft.errors import ConfigError, DataError
+from mindsft.errors import ConfigError, DataError, MindsftError
 from mindsft.files import atomic_output
 from mindsft.templates import check_template_tokens, encode_segment_arrays, encode_segment_batch, get_template
 from mindsft.tokenizer import load_tokenizer
@@ -126,14 +126,26 @@ _WORKER = {}
 
 
 def _init_worker(model_file, template, tokenizer_config, seq_length, drop_overlong, tokenizer=None):
-    tokenizer = tokenizer or load_tokenizer(model_file)
-    _WORKER.update(tokenizer=tokenizer, template=get_template(template, tokenizer_config, tokenizer),
-                   seq_length=seq_length, drop_overlong=drop_overlong)
+    _WORKER.update(seq_length=seq_length, drop_overlong=drop_overlong)
+    # Workers start before the main process has checked the tokenizer and template: a mistake is
+    # kept for the first task (the main process reports it first, in one line) rather than raised
+    # here, where the pool would print its traceback and start the worker again.
+    try:
+        _WORKER["tokenizer"] = tokenizer or load_tokenizer(model_file)
+        _WORKER["template"] = get_template(template, tokenizer_config, _WORKER["tokenizer"])
+    except MindsftError as err:
+        _WORKER["error"] = err
+
+
+def _worker_tokenizer(template_too=False):
+    if "error" in _WORKER and ("tokenizer" not in _WORKER or template_too):
+        raise _WORKER["error"]
+    return _WORKER["tokenizer"]
 
 
 def _qa_task(chunk):
     """Worker: [(file, index, raw record)] -> [(file, index, outcome, payload)] in order."""
-    tokenizer, template = _WORKER["tokenizer"], _WORKER["template"]
+    tokenizer, template = _worker_tokenizer(template_too=True), _WORKER["template"]
     out, segments, laid_out = [None] * len(chunk), [], []
     for position, (path, index, raw) in enumerate(chunk):
         try:
@@ -152,7 +164,7 @@ def _qa_task(chunk):
 
 
 def _wiki_task(chunk):
-    tokenizer = _WORKER["tokenizer"]
+    tokenizer = _worker_tokenizer()
     return [np.asarray(tokenizer.encode(p, add_bos=True, add_eos=True), dtype=np.int32) for p in chunk]
 
 
@@ -165,21 +177,33 @@ def _chunked(iterable, size):
         yield chunk
 
 
+def _checked_tokenizer(options):
+    """(tokenizer, template or None) of a run; a bad tokenizer or template, or a template the
+    tokenizer cannot spell, fails here, before any record is read."""
+    tokenizer = load_tokenizer(options.model_file)
+    template = None
+    if options.dataset_type == "qa":
+        template = get_template(options.template, options.tokenizer_config, tokenizer)
+        check_template_tokens(template, tokenizer)
+    return tokenizer, template
+
+
 @contextlib.contextmanager
-def _workers(options, tokenizer):
-    """A map(task, chunks) that keeps the order: in this process (with its `tokenizer`), or in a
-    pool of `num_workers` started at once, so they load the tokenizer while this process reads
-    the input."""
+def _workers(options):
+    """(tokenizer, template, map(task, chunks) that keeps the order): in this process, or in a pool
+    of `num_workers` started first, so they load the tokenizer while this process loads and checks
+    its own and reads the input."""
     init_args = (options.model_file, options.template, options.tokenizer_config,
                  options.seq_length, options.drop_overlong)
     if options.num_workers == 1:
+        tokenizer, template = _checked_tokenizer(options)
         _init_worker(*init_args, tokenizer=tokenizer)
-        yield map
+        yield tokenizer, template, map
         return
     # fork would copy MindSpore's threads; spawn workers that import only what they need.
     context = multiprocessing.get_context("spawn")
     with context.Pool(options.num_workers, initializer=_init_worker, initargs=init_args) as pool:
-        yield pool.imap
+        yield (*_checked_tokenizer(options), pool.imap)
 
 
 @contextlib.contextmanager
@@ -314,14 +338,9 @@ def _wiki_records(options, stats, pad_id, map_in_order):
 def preprocess(options):
     """Tokenize the input files into MindRecord shards plus `<output_file>.stats.json`; returns stats."""
     options.validate()
-    tokenizer = load_tokenizer(options.model_file)
-    template = None
-    if options.dataset_type == "qa":  # fail on a bad template, or one the tokenizer cannot spell, before any work
-        template = get_template(options.template, options.tokenizer_config, tokenizer)
-        check_template_tokens(template, tokenizer)
     stats = RunStats()
     make_records = _qa_records if options.dataset_type == "qa" else _wiki_records
-    with _gc_paused(), _workers(options, tokenizer) as map_in_order:
+    with _gc_paused(), _workers(options) as (tokenizer, template, map_in_order):
         records = make_records(options, stats, tokenizer.pad_id, map_in_order)
         try:
             shards, _ = write_mindrecord(records, options.output_file, options.dataset_type, options.file_partition)
