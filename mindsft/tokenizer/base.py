@@ -17,9 +17,11 @@ class Tokenizer:
     (eos first, then the others generation_config.json lists); chat_template: the jinja
     template of its tokenizer_config.json or None; config_path: that file or None;
     parses_special_text: whether special tokens written as text in the input are encoded as
-    those tokens (HuggingFace's added tokens), so a conversation is encoded as one text.
+    those tokens (HuggingFace's added tokens), so a conversation is encoded as one text;
+    adds_bos: whether the model's own tokenizer puts BOS before a document (Llama's do, Qwen's not).
     """
     path = None
+    adds_bos = False
     bos_id = eos_id = unk_id = pad_id = None
     end_ids = ()
     chat_template = None

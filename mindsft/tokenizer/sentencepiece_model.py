@@ -32,6 +32,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.unk_id = self.sp.unk_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
         self.end_ids = (self.eos_id,) if self.eos_id >= 0 else ()
+        self.adds_bos = self.bos_id >= 0
         self._piece_bytes = self._is_byte = self._exact_pieces = None  # built on first encode_spans
 
     @property
