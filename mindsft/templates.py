@@ -397,6 +397,9 @@ class HFChatTemplate(Template):
         if tokenizer is not None:
             end_texts += [tokenizer.id_to_piece(i) for i in tokenizer.end_ids]
         self.end_texts = tuple(dict.fromkeys(t for t in end_texts if t))
+        # A SentencePiece record starts with BOS (as MindFormers' do) even when the template does not
+        # write one; a tokenizer.json's ids stay exactly apply_chat_template's.
+        self.adds_missing_bos = tokenizer is None or not tokenizer.parses_special_text
         self.jinja = compile_chat_template(source)
 
     def _render(self, messages, add_generation_prompt, tools=None):
@@ -438,8 +441,8 @@ class HFChatTemplate(Template):
                 raise ConfigError(f"{self.path}: reply {index} ends with none of {', '.join(self.end_texts)} "
                                   "and the template does not render the conversation up to it as a prefix")
             spans.append((begin, len(upto)))
-        # A record starts with BOS (as MindFormers' do) even when the template does not write it.
-        out, start = [] if not self.bos_text or text.startswith(self.bos_text) else [Segment(special="bos")], 0
+        missing_bos = self.adds_missing_bos and self.bos_text and not text.startswith(self.bos_text)
+        out, start = [Segment(special="bos")] if missing_bos else [], 0
         for begin, end in spans:
             out += self._split_special(text[start:begin], False) + self._split_special(text[begin:end], True)
             start = end

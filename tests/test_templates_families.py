@@ -82,6 +82,14 @@ def test_qwen_equals_qwen25s_template_with_its_default_system(tmp_path):
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n")
 
 
+def test_hf_template_that_writes_no_bos_gives_no_bos_with_a_tokenizer_json(tmp_path):
+    folder = write_bpe_tokenizer(tmp_path / "nobos", QWEN25_JINJA, bos="<|begin_of_text|>", eos="<|im_end|>")
+    ours, ref = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert_matches_apply_chat_template(ours, ref, get_template("hf", tokenizer=ours), CONVERSATIONS,
+                                       replies(end="<|im_end|>"))
+    assert encode_segments(ours, get_template("hf", tokenizer=ours).segments(CONVERSATIONS[0]))[0][0] != ours.bos_id
+
+
 def test_mistral_equals_mistral_v03s_template(tmp_path):
     folder = write_bpe_tokenizer(tmp_path / "mistral", MISTRAL_V03_JINJA, bos="<s>", eos="</s>")
     ours, ref = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
