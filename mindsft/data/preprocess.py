@@ -127,6 +127,10 @@ _WORKER = {}
 
 def _init_worker(model_file, template, tokenizer_config, seq_length, drop_overlong, tokenizer=None):
     _WORKER.update(seq_length=seq_length, drop_overlong=drop_overlong)
+    if tokenizer is None:
+        # One thread per worker process: the workers already fill the cores, and the `tokenizers`
+        # library's own threads on top of them only contend.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Workers start before the main process has checked the tokenizer and template: a mistake is
     # kept for the first task (the main process reports it first, in one line) rather than raised
     # here, where the pool would print its traceback and start the worker again.
