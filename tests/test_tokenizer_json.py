@@ -247,3 +247,18 @@ def test_with_two_workers_a_template_the_tokenizer_cannot_spell_is_one_line_no_t
     assert out.stderr.strip().splitlines() == [
         f"error: {tiny_hf_dir / 'tokenizer.model'}: '<|begin_of_text|>' is not a token of this tokenizer; "
         "the template needs the tokenizer of its model family"]
+
+
+def test_wiki_with_a_tokenizer_json_wraps_each_paragraph_in_its_bos_and_eos(bpe_dir, tmp_path):
+    from mindsft.data.mindrecord import read_mindrecord
+    from mindsft.data.preprocess import PreprocessOptions, preprocess
+    paragraphs = ["The cat sat on the mat.", "It cost 1,000 and 2.5 — é 😀."] * 10
+    source = tmp_path / "wiki.tokens"
+    source.write_text("\n\n".join(paragraphs) + "\n")
+    preprocess(PreprocessOptions(input_glob=str(source), model_file=str(bpe_dir), output_file=str(tmp_path / "w.mindrecord"),
+                                 dataset_type="wiki", seq_length=15, num_workers=2, progress=False, command_line=["test"]))
+    ours, ref = load_tokenizer(bpe_dir), reference(bpe_dir)
+    expected = [i for p in paragraphs for i in ref(p)["input_ids"] + [ref.eos_token_id]]
+    records = read_mindrecord(tmp_path / "w.mindrecord")
+    assert expected[0] == ours.bos_id and len(records) == len(expected) // 16
+    assert np.concatenate([r["input_ids"] for r in records]).tolist() == expected[:len(records) * 16]
