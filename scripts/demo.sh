@@ -17,7 +17,7 @@ mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 
 echo "== 1. a tiny random Llama in HuggingFace format (with a tokenizer trained on the sample)"
-python -c "from mindsft.sample import write_tiny_hf_llama; write_tiny_hf_llama('$WORK/tiny-llama-hf')"
+python -c "from mindsft.demo_model import write_tiny_hf_llama; write_tiny_hf_llama('$WORK/tiny-llama-hf')"
 
 echo "== 2. HuggingFace → MindSpore checkpoint"
 python tools/convert_weight.py --model llama --input_path "$WORK/tiny-llama-hf" --output_path "$WORK/tiny-llama.ckpt"
