@@ -114,3 +114,19 @@ def test_a_misspelt_key_in_any_section_fails_at_load_naming_the_nearest(section,
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=f"did you mean '{nearest}'"):
         load_run_config(tmp_path / "run.yaml")
+
+
+def test_pretrained_model_dir_gives_the_model_its_config_and_weights(converted, tiny_hf_dir, tmp_path):
+    """MindFormers 1.5's HF folder start: the same logits as the converted checkpoint gives."""
+    import mindspore as ms
+    import numpy as np
+    from mindsft.models.build import build_model, load_start_weights
+    from_folder = load_run_config(shapeless_yaml(tmp_path / "run.yaml"), {"pretrained_model_dir": str(tiny_hf_dir)})
+    from_ckpt = load_run_config(shapeless_yaml(tmp_path / "run.yaml"), {"load_checkpoint": str(converted)})
+    assert from_folder.model_config == from_ckpt.model_config
+    logits = []
+    for config in (from_folder, from_ckpt):
+        model = build_model(config)
+        load_start_weights(model, config)
+        logits.append(model(ms.Tensor(np.arange(1, 9, dtype=np.int32).reshape(1, 8))).asnumpy())
+    np.testing.assert_array_equal(logits[0], logits[1])

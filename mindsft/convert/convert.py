@@ -18,7 +18,7 @@ from mindsft.convert import dtypes
 from mindsft.convert.ckpt_format import CkptWriter, read_ckpt
 from mindsft.convert.hf_reader import find_weights, open_hf_weights, read_hf_config
 from mindsft.convert.safetensors_format import write_safetensors
-from mindsft.convert.stored import row_slice, stacked
+from mindsft.convert.stored import split_stored, stacked
 from mindsft.errors import ConfigError, ConvertError
 from mindsft.files import atomic_output
 from mindsft.models.families import config_from_hf, family_of
@@ -71,23 +71,17 @@ def hf_to_ms(input_path, output_path, dtype=None, progress=True, config_path=Non
                            f"know: {', '.join(sorted(unknown))}")
     check_file_weights({e.hf_name: e.hf_shape for e in entries}, weights, hf_config_path, model_config)
 
-    total_in = sum(t.nbytes for t in weights.values())
-    written = []
-    with _progress_bar(total_in, "hf→ckpt", progress) as bar, atomic_output(output_path) as tmp:
+    tensors = split_stored(entries, weights)
+    with _progress_bar(sum(t.nbytes for t in weights.values()), "hf→ckpt", progress) as bar, \
+            atomic_output(output_path) as tmp:
         with CkptWriter(tmp) as writer:
-            for entry in entries:
-                tensor = weights[entry.hf_name]
+            for ms_name, tensor in tensors.items():
                 out_dtype = dtype or tensor.dtype
-                start = 0
-                for ms_name, shape in zip(entry.ms_names, entry.ms_shapes):
-                    part = row_slice(tensor, ms_name, start, shape) if entry.is_split else tensor
-                    writer.write(ms_name, out_dtype, shape, part.blocks(out_dtype))
-                    written.append(part)
-                    start += shape[0]
+                writer.write(ms_name, out_dtype, tensor.shape, tensor.blocks(out_dtype))
                 bar.update(tensor.nbytes)
         if config_path:
             write_model_config(model_config, config_path, dtype)
-    return _summary("hf_to_ms", input_path, output_path, written, dtype, skipped, started)
+    return _summary("hf_to_ms", input_path, output_path, list(tensors.values()), dtype, skipped, started)
 
 
 def ms_to_hf(input_ckpt, output_dir, model_config, dtype=None, max_shard_size="5GB", tokenizer_dir=None,

@@ -14,6 +14,7 @@ import numpy as np
 from mindsft.convert import dtypes
 from mindsft.convert.ckpt_format import CkptWriter, read_ckpt
 from mindsft.convert.hf_reader import find_weights, open_hf_weights, read_hf_config
+from mindsft.convert.stored import split_stored
 from mindsft.errors import ConfigError, ConvertError
 from mindsft.files import atomic_output
 from mindsft.lora_config import LORA_A, LORA_B, LoraConfig, is_adapter_name, merged_weight, target_regex_from_hf_names
@@ -175,21 +176,11 @@ def _float32(stored):
 def open_base_weights(path):
     """({our name: StoredTensor} of the model weights, LlamaConfig or None, tokenizer folder or None)
     for a .ckpt (optimizer state and adapters left out) or a HuggingFace model folder."""
-    from mindsft.convert.stored import row_slice
     path = os.fspath(path)
     if os.path.isdir(path):
         weights_path, config_path = find_weights(path)
         family, config = config_from_hf(read_hf_config(config_path), config_path)
-        stored = open_hf_weights(weights_path)
-        tensors = {}
-        for entry in family.weight_entries(config):
-            if entry.hf_name in stored:
-                start = 0
-                for name, shape in zip(entry.ms_names, entry.ms_shapes):
-                    tensor = stored[entry.hf_name]
-                    tensors[name] = row_slice(tensor, name, start, shape) if entry.is_split else tensor
-                    start += shape[0]
-        return tensors, config, path
+        return split_stored(family.weight_entries(config), open_hf_weights(weights_path)), config, path
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: no such checkpoint file or HuggingFace folder")
     tensors, _ = read_ckpt(path)

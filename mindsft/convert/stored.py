@@ -94,3 +94,17 @@ def stacked(name, parts):
         for part in parts:
             yield from part.read_blocks(max_elements)
     return StoredTensor(name, parts[0].dtype, shape, parts[0].file, read_blocks)
+
+
+def split_stored(entries, stored):
+    """{our name: StoredTensor}, in model order, for the family weight entries whose HF tensor is in
+    `stored` {HF name: StoredTensor}: renames pass through, split entries become row slices."""
+    tensors = {}
+    for entry in entries:
+        if entry.hf_name not in stored:
+            continue
+        tensor, start = stored[entry.hf_name], 0
+        for name, shape in zip(entry.ms_names, entry.ms_shapes):
+            tensors[name] = row_slice(tensor, name, start, shape) if entry.is_split else tensor
+            start += shape[0]
+    return tensors

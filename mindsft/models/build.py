@@ -66,20 +66,11 @@ def load_weights(model, path):
 def load_hf_weights(model, folder):
     """Model weights from a HuggingFace folder (pretrained_model_dir), through its family's map."""
     from mindsft.convert.hf_reader import find_weights, open_hf_weights
-    from mindsft.convert.stored import row_slice
+    from mindsft.convert.stored import split_stored
     config = model.config
-    family = family_of(config)
     weights_path, _ = find_weights(folder)
-    stored = open_hf_weights(weights_path)
-    arrays = {}
-    for entry in family.weight_entries(config):
-        if entry.hf_name not in stored:
-            continue
-        tensor, start = stored[entry.hf_name], 0
-        for name, shape in zip(entry.ms_names, entry.ms_shapes):
-            part = row_slice(tensor, name, start, shape) if entry.is_split else tensor
-            arrays[name] = np.concatenate(list(part.blocks("float32"))).reshape(shape)
-            start += shape[0]
+    tensors = split_stored(family_of(config).weight_entries(config), open_hf_weights(weights_path))
+    arrays = {name: np.concatenate(list(t.blocks("float32"))).reshape(t.shape) for name, t in tensors.items()}
     expected = {p.name: tuple(p.shape) for p in model.get_parameters() if "lora_" not in p.name}
     check_weights(expected, {n: a.shape for n, a in arrays.items()}, weights_path, config)
     assign_weights(model, arrays, source=weights_path, strict=False)
