@@ -130,3 +130,12 @@ def test_pretrained_model_dir_gives_the_model_its_config_and_weights(converted, 
         load_start_weights(model, config)
         logits.append(model(ms.Tensor(np.arange(1, 9, dtype=np.int32).reshape(1, 8))).asnumpy())
     np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def test_model_settings_on_the_command_line_are_typed_at_load():
+    """YAML 1.1 reads 1e-6 (no dot) as a string: it still reaches the model as a float; a word
+    where a number belongs is named at load instead of failing inside the model."""
+    config = load_run_config(TINY_YAML, {"model.model_config.rms_norm_eps": "1e-6"})
+    assert config.model_config.rms_norm_eps == 1e-6
+    with pytest.raises(ConfigError, match="model.model_config.num_layers: expected an integer, got 'two'"):
+        load_run_config(TINY_YAML, {"model.model_config.num_layers": "two"})
