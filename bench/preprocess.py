@@ -71,7 +71,7 @@ def transformers_run(alpaca_path, work_dir, seq_length):
     import numpy as np
     from transformers import AutoTokenizer
     from mindsft.data.alpaca import convert_alpaca
-    from mindsft.data.conversations import load_conversations
+    from mindsft.data.conversations import normalize_record, read_json_records
     from mindsft.data.mindrecord import write_mindrecord
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_JSON)
     conv_path = os.path.join(work_dir, "conv.json")
@@ -81,7 +81,7 @@ def transformers_run(alpaca_path, work_dir, seq_length):
     counts = {"records": 0, "tokens": 0}
 
     def records():
-        for messages in load_conversations(conv_path):
+        for messages in map(normalize_record, read_json_records(conv_path)):
             ids = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"][:length]
             labels = [IGNORE] * len(ids)
             for end, message in enumerate(messages):

@@ -6,12 +6,11 @@ import re
 import pytest
 
 from conftest import shared_file
-from mindsft.data.conversations import load_conversations
 from mindsft.data.preprocess import encode_conversation
 from mindsft.errors import ConfigError
 from mindsft.templates import check_template_tokens, encode_segment_batch, encode_segments, get_template
 from mindsft.tokenizer import load_tokenizer
-from tokenizer_helpers import (LLAMA3_JINJA, MISTRAL_V03_JINJA, QWEN25_JINJA, learned_runs,
+from tokenizer_helpers import (LLAMA3_JINJA, MISTRAL_V03_JINJA, QWEN25_JINJA, learned_runs, load_conversations,
                                write_bpe_tokenizer)
 
 transformers = pytest.importorskip("transformers")

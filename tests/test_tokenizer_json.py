@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import shared_file
-from mindsft.data.conversations import load_conversations
 from mindsft.errors import TokenizerError
 from mindsft.tokenizer import JsonTokenizer, SentencePieceTokenizer, load_tokenizer
-from tokenizer_helpers import EXTRA_TEXTS, training_texts, write_bpe_tokenizer
+from tokenizer_helpers import EXTRA_TEXTS, load_conversations, training_texts, write_bpe_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -173,7 +172,7 @@ def test_preprocess_with_a_tokenizer_json_writes_apply_chat_template_ids_and_rep
     holds apply_chat_template's ids, padded with the pad id, and learns each reply and <|eot_id|>."""
     from mindsft.data.mindrecord import read_mindrecord
     from mindsft.data.preprocess import PreprocessOptions, preprocess
-    from mindsft.sample import SAMPLE_ALPACA
+    from mindsft.demo_model import SAMPLE_ALPACA
     from tokenizer_helpers import learned_runs
     conversations = load_conversations(SAMPLE_ALPACA)
     output = tmp_path / "out" / "data.mindrecord"
@@ -197,7 +196,7 @@ def test_preprocess_cli_takes_an_hf_folder_and_the_llama3_template(bpe_dir, tmp_
     import subprocess
     import sys
     from conftest import ROOT
-    from mindsft.sample import SAMPLE_ALPACA
+    from mindsft.demo_model import SAMPLE_ALPACA
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "llama_preprocess.py"), "--input_glob", str(SAMPLE_ALPACA),
                           "--model_file", str(bpe_dir), "--output_file", str(tmp_path / "d.mindrecord"),
                           "--seq_length", "256", "--template", "llama3", "--no_progress"],
@@ -210,7 +209,7 @@ def test_preprocess_cli_takes_an_hf_folder_and_the_llama3_template(bpe_dir, tmp_
 def test_preprocess_refuses_a_template_the_tokenizer_cannot_spell(tiny_hf_dir, tmp_path):
     from mindsft.data.preprocess import PreprocessOptions, preprocess
     from mindsft.errors import ConfigError
-    from mindsft.sample import SAMPLE_ALPACA
+    from mindsft.demo_model import SAMPLE_ALPACA
     with pytest.raises(ConfigError, match=re.escape("'<|begin_of_text|>' is not a token")):
         preprocess(PreprocessOptions(input_glob=str(SAMPLE_ALPACA), model_file=str(tiny_hf_dir / "tokenizer.model"),
                                      output_file=str(tmp_path / "d.mindrecord"), template="llama3", progress=False))
@@ -237,7 +236,7 @@ def test_with_two_workers_a_template_the_tokenizer_cannot_spell_is_one_line_no_t
     import subprocess
     import sys
     from conftest import ROOT
-    from mindsft.sample import SAMPLE_ALPACA
+    from mindsft.demo_model import SAMPLE_ALPACA
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "llama_preprocess.py"), "--input_glob", str(SAMPLE_ALPACA),
                           "--model_file", str(tiny_hf_dir / "tokenizer.model"), "--output_file",
                           str(tmp_path / "d.mindrecord"), "--template", "llama3", "--num_workers", "2", "--no_progress"],

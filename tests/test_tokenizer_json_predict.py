@@ -8,10 +8,11 @@ import torch
 import transformers
 
 from mindsft.convert.convert import hf_to_ms
-from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
-from mindsft.models.weights import assign_weights
+from mindsft.models.build import assign_weights
+from mindsft.models.families import model_config_from_hf
+from mindsft.models.llama import LlamaForCausalLM
 from mindsft.predict import generation_settings, run_predict
-from mindsft.sample import write_tiny_hf_llama
+from mindsft.demo_model import write_tiny_hf_llama
 from mindsft.templates import get_template
 from mindsft.tokenizer import load_tokenizer
 from tokenizer_helpers import write_bpe_tokenizer
@@ -28,7 +29,7 @@ def model_with_bpe(tmp_path_factory):
     ckpt = root / "model.ckpt"
     hf_to_ms(str(hf_dir), str(ckpt), progress=False)
     with open(hf_dir / "config.json") as f:
-        model = LlamaForCausalLM(LlamaConfig.from_hf(json.load(f)))
+        model = LlamaForCausalLM(model_config_from_hf(json.load(f)))
     assign_weights(model, {n: p.asnumpy() for n, p in ms.load_checkpoint(str(ckpt)).items()}, source=str(ckpt))
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     return model, hf_dir, hf

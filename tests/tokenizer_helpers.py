@@ -4,7 +4,8 @@ that must run without ../shared."""
 import json
 import os
 
-from mindsft.sample import sample_texts
+from mindsft.data.conversations import normalize_record, read_json_records
+from mindsft.demo_model import sample_texts
 
 # The control tokens of every built-in template, so one tokenizer serves them all.
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>",
@@ -87,6 +88,10 @@ def write_bpe_tokenizer(folder, chat_template=LLAMA3_JINJA, bos="<|begin_of_text
         with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
             json.dump({"eos_token_id": generation_eos}, f)
     return folder
+
+
+def load_conversations(path):
+    return [normalize_record(record) for record in read_json_records(path)]
 
 
 def learned_runs(ids, learned):

@@ -115,13 +115,3 @@ def record_tools(record):
         raise DataError("'tools' is not a list")
     return tools or None
 
-
-def load_conversations(path):
-    """Messages lists of every record of a `.json`/`.jsonl` file; errors name file and record index."""
-    conversations = []
-    for index, record in enumerate(read_json_records(path)):
-        try:
-            conversations.append(normalize_record(record))
-        except DataError as err:
-            raise DataError(f"{os.fspath(path)}: record {index}: {err}") from None
-    return conversations
