@@ -11,6 +11,7 @@ setup(
         "mindspore==2.10.0",
         "numpy<2",  # MindSpore 2.10 crashes at its first op with numpy 2
         "sentencepiece>=0.2.0",
+        "tokenizers>=0.19",  # HuggingFace tokenizer.json (Llama 3, Qwen, Mistral)
         "safetensors",
         "pyyaml",
         "tqdm",

@@ -168,7 +168,9 @@ class JsonTokenizer(Tokenizer):
         if self._token_bytes is None:
             return [self.encode_spans(text) for text in texts]
         out = []
-        for text, encoding in zip(texts, self.backend.encode_batch_fast(texts, add_special_tokens=False)):
+        # encode_batch_fast (tokenizers >= 0.21) skips the offsets this path does not read.
+        encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        for text, encoding in zip(texts, encode_batch(texts, add_special_tokens=False)):
             out.append(self._length_spans(text, np.asarray(encoding.ids, dtype=np.int64)) or self.encode_spans(text))
         return out
 
