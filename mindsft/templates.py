@@ -258,6 +258,9 @@ class MistralTemplate(Template):
     """
     name = "mistral"
     default_system = ""
+    # The spaces around [INST] are written for a tokenizer.json, which reads the text whole; a
+    # SentencePiece model encodes each run with a dummy-prefix space of its own.
+    needs_tokenizer_json = True
 
     def round_segments(self, index, system, user, reply):
         head = system + "\n\n" if index == 0 and system else ""
@@ -589,6 +592,9 @@ def check_template_tokens(template, tokenizer):
     """Fail early, naming the token, when `tokenizer` lacks a special token `template` writes."""
     if isinstance(template, HFChatTemplate):
         return
+    if getattr(template, "needs_tokenizer_json", False) and not tokenizer.parses_special_text:
+        raise ConfigError(f"{tokenizer.path}: template {template.name!r} needs the model's tokenizer.json "
+                          "(pass it, not the tokenizer.model beside it)")
     probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
              {"role": "assistant", "content": "a"}]
     for segment in template.segments(probe):

@@ -130,6 +130,9 @@ def test_a_template_whose_tokens_the_tokenizer_lacks_is_refused_naming_the_token
     with pytest.raises(ConfigError, match=re.escape("'<|begin_of_text|>' is not a token")):
         check_template_tokens(get_template("llama3"), sentencepiece)
     check_template_tokens(get_template("llama3"), load_tokenizer(bpe_dir))
+    # Mistral's tokenizer.model has [INST] as a piece, but its spaces are laid out for tokenizer.json
+    with pytest.raises(ConfigError, match="template 'mistral' needs the model's tokenizer.json"):
+        check_template_tokens(get_template("mistral"), sentencepiece)
 
 
 def test_hf_template_of_a_folder_is_its_tokenizer_config(bpe_dir):
