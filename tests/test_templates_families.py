@@ -220,3 +220,28 @@ def test_tools_with_a_builtin_template_are_a_data_error():
     from mindsft.errors import DataError
     with pytest.raises(DataError, match="template 'qwen' cannot write"):
         get_template("qwen").segments(CONVERSATIONS[0], tools=QWEN3_TOOLS)
+
+
+def test_baichuan2_with_a_sentencepiece_model_encodes_each_message_on_its_own(tmp_path):
+    """Baichuan2 ships a SentencePiece tokenizer.model with <reserved_106>/<reserved_107> pieces;
+    its code encodes each message separately between them, as mindsft's SentencePiece path does."""
+    import io
+
+    import sentencepiece as spm
+    from mindsft.demo_model import sample_texts
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sample_texts()), model_writer=model, vocab_size=400, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
+        user_defined_symbols=["<reserved_106>", "<reserved_107>"], hard_vocab_limit=False, minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    ours = load_tokenizer(tmp_path / "tokenizer.model")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    user, assistant = sp.PieceToId("<reserved_106>"), sp.PieceToId("<reserved_107>")
+    for messages in CONVERSATIONS:
+        system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+        expected = sp.encode(system) if system else []
+        for turn in messages[1:] if system else messages:
+            expected += [user] + sp.encode(turn["content"]) + [assistant] if turn["role"] == "user" else \
+                sp.encode(turn["content"]) + [sp.eos_id()]
+        assert encode_segments(ours, get_template("baichuan2").segments(messages))[0] == expected
