@@ -309,7 +309,8 @@ def run(config):
     model = build_model(config)
     load_start_weights(model, config)
     result = run_predict(model, tokenizer, config.predict_data, config.generation_config, template_name,
-                         output_dir=config.output_dir, tokenizer_config_path=recorded_tokenizer_config(config, template_name))
+                         output_dir=config.output_dir,
+                         tokenizer_config_path=recorded_tokenizer_config(config, template_name))
     metrics = result["metrics"]
     print(f"prefill {metrics['prefill_tokens_per_second']:.1f} tokens/s, "
           f"decode {metrics['decode_tokens_per_second']:.1f} tokens/s; "

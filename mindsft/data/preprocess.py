@@ -2,8 +2,8 @@
 
 qa: BOS, then each round of the template tokenized on its own, EOS after each reply (a
 tokenizer.json encodes the whole conversation as one text, as `apply_chat_template` does),
-right-padded with the pad id to `seq_length + 1`. Labels are the token ids where the model learns (reply
-tokens and the EOS closing each reply) and -100 elsewhere; the boundary comes from the tokenizer's
+right-padded with the pad id to `seq_length + 1`. Labels are the token ids where the model learns
+(reply tokens and the EOS closing each reply) and -100 elsewhere; the boundary comes from the tokenizer's
 byte offsets, so no sample is blanked by a count mismatch. Labels are not shifted: the model
 shifts them.
 
@@ -126,6 +126,7 @@ _WORKER = {}
 
 
 def _init_worker(model_file, template, tokenizer_config, seq_length, drop_overlong, tokenizer=None):
+    _WORKER.clear()
     _WORKER.update(seq_length=seq_length, drop_overlong=drop_overlong)
     if tokenizer is None:
         # One thread per worker process: the workers already fill the cores, and the `tokenizers`

@@ -106,7 +106,8 @@ class JsonTokenizer(Tokenizer):
             pad = LLAMA3_PAD_TOKEN
         self.pad_id = next((i for i in (self._id_of(pad), self.unk_id, self.eos_id) if i is not None), 0)
         self.end_ids = tuple(self._end_ids(folder))
-        self.adds_bos = self.bos_id is not None and self.backend.encode("", add_special_tokens=True).ids[:1] == [self.bos_id]
+        opening = self.backend.encode("", add_special_tokens=True).ids[:1]
+        self.adds_bos = self.bos_id is not None and opening == [self.bos_id]
         self._lengths = None  # built on first encode_spans: a process that only reads ids skips it
         normalizer = self.backend.normalizer
         self._normalizer = None if normalizer is None else type(normalizer).__name__
