@@ -25,7 +25,7 @@ FLAG_KEYS = {
     "predict_data": "predict_data", "template": "template",
     "max_new_tokens": "generation_config.max_new_tokens", "do_sample": "generation_config.do_sample",
     "temperature": "generation_config.temperature", "top_k": "generation_config.top_k",
-    "top_p": "generation_config.top_p",
+    "top_p": "generation_config.top_p", "num_beams": "generation_config.num_beams",
 }
 
 
@@ -55,6 +55,8 @@ def parse_args(argv):
     parser.add_argument("--temperature", help="generation_config.temperature")
     parser.add_argument("--top_k", help="generation_config.top_k")
     parser.add_argument("--top_p", help="generation_config.top_p")
+    parser.add_argument("--num_beams", help="generation_config.num_beams (> 1: beam search; with "
+                                            "length_penalty and early_stopping as transformers reads them)")
     parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE", help="dotted YAML overrides")
     args, rest = parser.parse_known_args(argv)
     overrides = {FLAG_KEYS[name]: value for name, value in vars(args).items()

@@ -159,7 +159,8 @@ def run_predict(model, tokenizer, predict_data, generation_config=None, template
     printer = None
     if stream is None and len(records) == 1:
         stream = sys.stdout
-    if stream and len(records) == 1:
+    # Beam search knows its best reply only at the end: nothing to stream.
+    if stream and len(records) == 1 and int(generation_config.num_beams) == 1:
         printer = StreamPrinter(tokenizer, stop_ids, stream)
 
     # Similar lengths share a batch so that little padding is computed.
