@@ -1,7 +1,9 @@
 """Tokenize instruction data (qa) or WikiText (wiki) into MindRecord shards for Llama training."""
 import argparse
+import os
 import sys
 
+from mindsft.data.mixing import MIX_STRATEGIES, read_manifest
 from mindsft.data.preprocess import PreprocessOptions, preprocess, stats_path
 from mindsft.errors import MindsftError
 from mindsft.templates import TEMPLATE_NAMES
@@ -15,7 +17,25 @@ def build_parser():
                     "learned). wiki: WikiText paragraphs concatenated and cut; column input_ids. A stats JSON "
                     "is written beside the output as <output_file>.stats.json.")
     parser.add_argument("--dataset_type", default="qa", choices=["qa", "wiki"], help="qa (default) or wiki")
-    parser.add_argument("--input_glob", required=True, help="input file or glob (quote it), files read in sorted order")
+    parser.add_argument("--input_glob", nargs="+",
+                        help="input file or glob (quote it), files read in sorted order; several: one mix "
+                             "source each")
+    parser.add_argument("--mix_weights", nargs="+", type=float,
+                        help="qa: one weight per --input_glob source (scaled to sum to 1), for the "
+                             "interleave strategies")
+    parser.add_argument("--mix_strategy", default="concat", choices=MIX_STRATEGIES,
+                        help="concat: sources in turn; interleave_under/over: draw sources with the weights "
+                             "until the first/every source is exhausted (datasets.interleave_datasets)")
+    parser.add_argument("--mix_manifest",
+                        help="YAML/JSON list of sources {path, weight, max_samples} (or {sources: [...], "
+                             "mix_strategy: ...}) instead of --input_glob")
+    parser.add_argument("--max_samples", type=int, help="qa: take at most the first N records of each source")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the interleaving and the validation split")
+    parser.add_argument("--val_size", type=float, default=0,
+                        help="qa: records set aside for evaluation before tokenizing: a fraction (< 1) or a "
+                             "count (> 1); they go to --eval_output_file")
+    parser.add_argument("--eval_output_file",
+                        help="where the --val_size records go (default: an eval/ folder beside --output_file)")
     parser.add_argument("--model_file", required=True, help="the Llama SentencePiece tokenizer.model")
     parser.add_argument("--seq_length", type=int, default=2048, help="records are seq_length+1 tokens (default 2048)")
     parser.add_argument("--output_file", required=True,
@@ -38,9 +58,22 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.input_glob and not args.mix_manifest:
+        parser.error("give --input_glob (one or more globs) or --mix_manifest")
+    if args.input_glob and args.mix_manifest:
+        parser.error("give --input_glob or --mix_manifest, not both")
+    try:
+        sources, strategy = read_manifest(args.mix_manifest) if args.mix_manifest else (None, None)
+    except MindsftError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     options = PreprocessOptions(
-        input_glob=args.input_glob, model_file=args.model_file, output_file=args.output_file,
+        input_glob=args.input_glob if args.input_glob is None or len(args.input_glob) > 1 else args.input_glob[0],
+        sources=sources, mix_weights=args.mix_weights, mix_strategy=strategy or args.mix_strategy,
+        max_samples=args.max_samples, seed=args.seed, val_size=args.val_size,
+        eval_output_file=args.eval_output_file, model_file=args.model_file, output_file=args.output_file,
         dataset_type=args.dataset_type, seq_length=args.seq_length, file_partition=args.file_partition,
         repeat=args.repeat, num_workers=args.num_workers, template=args.template,
         tokenizer_config=args.tokenizer_config, on_error=args.on_error, drop_overlong=args.drop_overlong,
@@ -53,6 +86,11 @@ def main(argv=None):
     print(f"Wrote {stats['records_written']} records of {stats['record_length']} tokens to "
           f"{', '.join(stats['output_files'])} (read {stats['records_read']}, truncated {stats['truncated']}, "
           f"dropped {stats['dropped']}, skipped {stats['skipped']}); stats in {stats_path(args.output_file)}")
+    for source in stats.get("sources", []) if len(stats.get("sources", [])) > 1 else []:
+        print(f"  {source['input_glob']}: read {source['records_read']}, taken {source['records_taken']}, "
+              f"written {source['records_written']}")
+    if stats.get("eval_dataset_dir"):
+        print(f"eval records: {os.path.join(os.path.dirname(args.output_file), stats['eval_dataset_dir'])}")
     return 0
 
 

@@ -15,6 +15,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mindsft.data.schema import dataset_manifest
+from mindsft.data.split import recorded_eval_dataset_dir
 from mindsft.errors import ConfigError, MindsftError
 from mindsft.models.llama import LlamaForCausalLM
 from mindsft.models.weights import assign_weights
@@ -165,8 +166,12 @@ def resume_checkpoint_dir(config):
 
 def build_data(config, dataset, rank, world_size, train=True):
     model_config = config.llama_config
+    dataset_dir = dataset.data_loader.dataset_dir
+    if not train and not dataset_dir:
+        # llama_preprocess --val_size wrote eval records beside the train ones and recorded where.
+        dataset_dir = recorded_eval_dataset_dir(config.train_dataset.data_loader.dataset_dir)
     return ShardedBatches(
-        dataset.data_loader.dataset_dir, model_config.seq_length, config.runner_config.batch_size,
+        dataset_dir, model_config.seq_length, config.runner_config.batch_size,
         data_parallel=world_size, rank=rank,
         accumulation_steps=config.runner_config.gradient_accumulation_steps if train else 1,
         shuffle=dataset.data_loader.shuffle if train else False, seed=config.seed,
