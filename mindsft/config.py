@@ -156,7 +156,8 @@ class CheckpointMonitorConfig:
 class CallbacksConfig:
     """MindFormers' `callbacks` list, folded into the two we act on."""
     loss_monitor: bool = True
-    per_print_times: int = 1
+    # None: every step off a terminal, every few steps under the progress bar on one (train/monitor.py).
+    per_print_times: Optional[int] = None
     checkpoint: Optional[CheckpointMonitorConfig] = None
 
 
