@@ -10,6 +10,7 @@ Flags left out keep the YAML's value. Any YAML key can be overridden with a dott
 import argparse
 import sys
 
+from mindsft.cli import YamlOverrideHelpFormatter
 from mindsft.config import RUN_MODES, load_run_config
 from mindsft.errors import MindsftError
 
@@ -30,7 +31,7 @@ FLAG_KEYS = {
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=YamlOverrideHelpFormatter)
     parser.add_argument("--config", required=True, help="run config YAML (MindFormers' schema)")
     parser.add_argument("--run_mode", choices=RUN_MODES, help="train | finetune (same loop) | eval | predict")
     parser.add_argument("--load_checkpoint", help="weights to start from: a .ckpt, or a folder holding one")

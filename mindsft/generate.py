@@ -132,7 +132,10 @@ class GenerationConfig:
 class GenerationOutput:
     """New tokens per prompt (a stop token that ended a row is kept, as transformers keeps it).
 
-    decode_tokens counts the tokens the decode steps computed: with beam search, every beam's.
+    Speed figures leave compilation out: a call that met a shape for the first time compiled it,
+    and its time is in compile_seconds, its tokens in no rate. prefill_tokens counts every prompt
+    token, timed_prefill_tokens those of calls that compiled nothing; decode_tokens counts the
+    tokens of decode steps that compiled nothing (with beam search, every beam's).
     """
     sequences: List[List[int]]
     stopped: List[bool]
@@ -140,14 +143,44 @@ class GenerationOutput:
     prefill_seconds: float
     decode_tokens: int
     decode_seconds: float
+    compile_seconds: float = 0.0
+    timed_prefill_tokens: Optional[int] = None
 
     @property
     def prefill_tokens_per_second(self):
-        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        timed = self.prefill_tokens if self.timed_prefill_tokens is None else self.timed_prefill_tokens
+        return timed / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
     def decode_tokens_per_second(self):
         return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+class SpeedTally:
+    """Tokens and seconds of one generate call, by phase; a call whose shape `known_shapes` has
+    not seen compiles its graph, so its time counts as compilation (and the shape becomes known)."""
+
+    def __init__(self, known_shapes):
+        self.known_shapes = known_shapes
+        self.prefill_tokens = self.timed_prefill_tokens = self.decode_tokens = 0
+        self.prefill_seconds = self.decode_seconds = self.compile_seconds = 0.0
+
+    def add(self, phase, shape, tokens, seconds):
+        if phase == "prefill":
+            self.prefill_tokens += tokens
+        if shape not in self.known_shapes:
+            self.known_shapes.add(shape)
+            self.compile_seconds += seconds
+        elif phase == "prefill":
+            self.timed_prefill_tokens += tokens
+            self.prefill_seconds += seconds
+        else:
+            self.decode_tokens += tokens
+            self.decode_seconds += seconds
+
+    def output(self, sequences, stopped):
+        return GenerationOutput(sequences, stopped, self.prefill_tokens, self.prefill_seconds, self.decode_tokens,
+                                self.decode_seconds, self.compile_seconds, self.timed_prefill_tokens)
 
 
 def apply_repetition_penalty(logits, seen, penalty):
@@ -343,6 +376,7 @@ class Generator:
     def __init__(self, model, prompt_bucket=16):
         self.model = model
         self.prompt_bucket = prompt_bucket
+        self.compiled_shapes = set()
 
         # Caches are passed unpacked: a tuple argument makes ms.jit compile on every call.
         def cached_forward(input_ids, position_ids, cache_mask, query_slots, *caches):
@@ -393,10 +427,13 @@ class Generator:
         sequences = [[] for _ in range(batch)]
         active = np.ones(batch, bool)
         real_lengths = mask.sum(1)
+        tally = SpeedTally(self.compiled_shapes)
+        # The recomputing path runs one graph for prefill and decode; the cached one two.
+        prefill_shape = ("prefill", batch, prompt_length, total) if use_cache else ("full", batch, total)
+        decode_shape = ("decode", batch, total) if use_cache else ("full", batch, total)
         start = time.perf_counter()
         logits = next(steps)
-        prefill_seconds = time.perf_counter() - start
-        decode_seconds, decode_tokens = 0.0, 0
+        tally.add("prefill", prefill_shape, int(real_lengths.sum()), time.perf_counter() - start)
         for step in range(new_tokens):
             start = time.perf_counter()
             if step > 0:
@@ -407,8 +444,7 @@ class Generator:
                 sequences[row].append(int(tokens[row]))
             chooser.record(tokens, active)
             if step > 0:
-                decode_seconds += time.perf_counter() - start
-                decode_tokens += int(active.sum())
+                tally.add("decode", decode_shape, int(active.sum()), time.perf_counter() - start)
             if on_step is not None:
                 on_step(tokens, active.copy())
             active &= ~np.isin(tokens, stop_ids)
@@ -416,8 +452,7 @@ class Generator:
                 break
         steps.close()
         stopped = [bool(seq) and seq[-1] in set(stop_ids.tolist()) for seq in sequences]
-        return GenerationOutput(sequences, stopped, int(real_lengths.sum()), prefill_seconds,
-                                decode_tokens, decode_seconds)
+        return tally.output(sequences, stopped)
 
     def _beam_search(self, prompts, config, pad_id, stop_ids):
         """Beam search with the key/value cache: the prompts are prefilled once, their caches
@@ -438,6 +473,7 @@ class Generator:
         cache_mask = np.zeros((rows, total), np.int32)
         cache_mask[:, :prompt_length] = np.repeat(mask, beams, 0)
 
+        tally = SpeedTally(self.compiled_shapes)
         start = time.perf_counter()
         prefill_mask = np.zeros((batch, total), np.int32)
         prefill_mask[:, :prompt_length] = mask
@@ -446,8 +482,8 @@ class Generator:
                                              *self.model.empty_caches(batch, total))
         caches = self.gather_rows(Tensor(np.repeat(np.arange(batch, dtype=np.int32), beams)), *caches)
         logits = np.repeat(logits.asnumpy(), beams, 0)
-        prefill_seconds = time.perf_counter() - start
-        decode_seconds, decode_tokens = 0.0, 0
+        tally.add("prefill", ("beam prefill", batch, prompt_length, total, beams), int(mask.sum()),
+                  time.perf_counter() - start)
         for step in range(new_tokens):
             start = time.perf_counter()
             log_probs = log_softmax(logits)
@@ -466,12 +502,11 @@ class Generator:
                 Tensor(cache_mask), Tensor(np.array([prompt_length + step], np.int32)),
                 Tensor(source_rows.astype(np.int32)), *caches)
             logits = logits.asnumpy()
-            decode_seconds += time.perf_counter() - start
-            decode_tokens += rows
+            tally.add("decode", ("beam decode", rows, total), rows, time.perf_counter() - start)
         sequences = search.best()
         stop_set = set(stop_ids.tolist())
         stopped = [bool(seq) and seq[-1] in stop_set for seq in sequences]
-        return GenerationOutput(sequences, stopped, int(mask.sum()), prefill_seconds, decode_tokens, decode_seconds)
+        return tally.output(sequences, stopped)
 
     def _cached_steps(self, ids, mask, positions, total):
         """Prefill, then yield logits [B, vocab] per step; receives (tokens, their positions)."""

@@ -15,14 +15,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mindsft.cli import HelpFormatter  # noqa: E402
 from mindsft.errors import MindsftError  # noqa: E402
 
 MODELS = ("llama", "llama2", "llama3")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama", help=f"model family: {', '.join(MODELS)} (default llama)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", default="llama", help=f"model family: {', '.join(MODELS)}")
     parser.add_argument("--input_path", required=True,
                         help="HuggingFace folder or weights file (forward), or a .ckpt (with --reversed)")
     parser.add_argument("--output_path", required=True,
@@ -35,7 +36,7 @@ def parse_args(argv=None):
     parser.add_argument("--hf_config", default=None, help="with --reversed: a HuggingFace config.json instead of --config")
     parser.add_argument("--tokenizer_dir", default=None,
                         help="with --reversed: folder whose tokenizer files are copied into the output")
-    parser.add_argument("--max_shard_size", default="5GB", help="with --reversed: largest safetensors shard (default 5GB)")
+    parser.add_argument("--max_shard_size", default="5GB", help="with --reversed: largest safetensors shard")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.model.lower() not in MODELS:

@@ -3,6 +3,7 @@ import argparse
 import os
 import sys
 
+from mindsft.cli import HelpFormatter
 from mindsft.data.mixing import MIX_STRATEGIES, read_manifest
 from mindsft.data.preprocess import PreprocessOptions, preprocess, stats_path
 from mindsft.errors import MindsftError
@@ -11,12 +12,13 @@ from mindsft.templates import TEMPLATE_NAMES
 
 def build_parser():
     parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         description="Write MindRecord shards of seq_length+1 tokens (MindFormers' llama_preprocess format). "
                     "qa: conversations (alpaca_converter output, ShareGPT, OpenAI messages; JSON array or JSON "
                     "Lines) rendered with a prompt template; columns input_ids and labels (-100 where not "
                     "learned). wiki: WikiText paragraphs concatenated and cut; column input_ids. A stats JSON "
                     "is written beside the output as <output_file>.stats.json.")
-    parser.add_argument("--dataset_type", default="qa", choices=["qa", "wiki"], help="qa (default) or wiki")
+    parser.add_argument("--dataset_type", default="qa", choices=["qa", "wiki"], help="qa (conversations) or wiki (WikiText)")
     parser.add_argument("--input_glob", nargs="+",
                         help="input file or glob (quote it), files read in sorted order; several: one mix "
                              "source each")
@@ -37,20 +39,20 @@ def build_parser():
     parser.add_argument("--eval_output_file",
                         help="where the --val_size records go (default: an eval/ folder beside --output_file)")
     parser.add_argument("--model_file", required=True, help="the Llama SentencePiece tokenizer.model")
-    parser.add_argument("--seq_length", type=int, default=2048, help="records are seq_length+1 tokens (default 2048)")
+    parser.add_argument("--seq_length", type=int, default=2048, help="records are seq_length+1 tokens")
     parser.add_argument("--output_file", required=True,
                         help="output path, e.g. out/alpaca.mindrecord; with --file_partition N the shards "
                              "are <output_file>0..N-1")
-    parser.add_argument("--file_partition", type=int, default=1, help="number of shards (default 1)")
-    parser.add_argument("--repeat", type=int, default=1, help="write the data this many times (default 1)")
+    parser.add_argument("--file_partition", type=int, default=1, help="number of shards")
+    parser.add_argument("--repeat", type=int, default=1, help="write the data this many times")
     parser.add_argument("--num_workers", type=int, default=1,
-                        help="tokenizer processes; the output bytes do not depend on it (default 1)")
+                        help="tokenizer processes; the output bytes do not depend on it")
     parser.add_argument("--template", default="vicuna_v1.1", choices=TEMPLATE_NAMES,
-                        help="qa prompt template (default vicuna_v1.1, MindFormers' and FastChat's)")
+                        help="qa prompt template (vicuna_v1.1 is MindFormers' and FastChat's)")
     parser.add_argument("--tokenizer_config", default=None,
                         help="tokenizer_config.json whose chat_template --template hf uses")
     parser.add_argument("--on_error", default="raise", choices=["raise", "skip"],
-                        help="on a malformed record: stop (raise, default) or count it and go on (skip)")
+                        help="on a malformed record: stop (raise) or count it and go on (skip)")
     parser.add_argument("--drop_overlong", action="store_true",
                         help="drop conversations longer than seq_length+1 instead of truncating them")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")

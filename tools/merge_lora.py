@@ -7,6 +7,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
+from mindsft.cli import HelpFormatter  # noqa: E402
 from mindsft.errors import MindsftError  # noqa: E402
 from mindsft.lora import LoraConfig, merge_lora_files  # noqa: E402
 from mindsft.models.llama import LlamaConfig  # noqa: E402
@@ -14,6 +15,7 @@ from mindsft.models.llama import LlamaConfig  # noqa: E402
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         description="Merge LoRA adapters into base weights (W + alpha/rank * B A). The base is a "
                     "MindSpore .ckpt (MindFormers names) or a HuggingFace model folder; the adapter is a "
                     "PEFT folder (adapter_model.safetensors + adapter_config.json) or an adapter .ckpt "
