@@ -6,7 +6,18 @@ so position t learns labels[t + 1] (MindFormers' convention: input_ids[:-1] pred
 import os
 import re
 
+import numpy as np
+
 from mindsft.errors import DataError
+
+# The label of a token the model does not learn (HuggingFace's and MindFormers' value). The data
+# is written with it and the model skips it: it is not a setting, so the two cannot disagree.
+IGNORE_INDEX = -100
+# A batch is a dict of these columns (all int32 [batch, seq_length + 1]). The model's
+# `loss_terms` takes them in this order under the same names; a dataset without `labels`
+# (pretraining text) learns every token.
+BATCH_COLUMNS = ("input_ids", "labels")
+BATCH_DTYPES = {name: np.int32 for name in BATCH_COLUMNS}
 
 DATASET_TYPES = ("qa", "wiki")
 COLUMNS = {"qa": ("input_ids", "labels"), "wiki": ("input_ids",)}
@@ -19,6 +30,11 @@ def mindrecord_schema(dataset_type):
     if dataset_type not in COLUMNS:
         raise DataError(f"dataset_type {dataset_type!r} is not one of {', '.join(DATASET_TYPES)}")
     return {name: {"type": "int32", "shape": [-1]} for name in COLUMNS[dataset_type]}
+
+
+def batch_arguments(batch):
+    """The batch's columns as the model's `loss_terms` takes them, in BATCH_COLUMNS order."""
+    return tuple(batch[name] for name in BATCH_COLUMNS if name in batch)
 
 
 def record_length(seq_length):

@@ -5,11 +5,13 @@ before anything is split. Global batch s is order[s*G:(s+1)*G]; accumulation mic
 rank r takes its `batch_size` samples at offset (k*dp + r)*batch_size. So the set of samples in
 an optimizer step does not depend on how many ranks or micro-steps share it, and resuming at
 step s reads exactly what an uninterrupted run would have read.
+
+A micro-batch is a dict of the named columns of `mindsft.data.schema.BATCH_COLUMNS`.
 """
 import numpy as np
 import mindspore.dataset as ds
 
-from mindsft.data.schema import mindrecord_files, record_length
+from mindsft.data.schema import BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, mindrecord_files, record_length
 from mindsft.errors import DataError
 
 
@@ -17,8 +19,7 @@ class ShardedBatches:
     """Micro-batches of one rank, in the global order above. Reads only this rank's records."""
 
     def __init__(self, dataset_dir, seq_length, batch_size, data_parallel=1, rank=0,
-                 accumulation_steps=1, shuffle=True, seed=0, drop_remainder=True,
-                 pad_token_id=0, ignore_index=-100, what="train_dataset"):
+                 accumulation_steps=1, shuffle=True, seed=0, drop_remainder=True, what="train_dataset"):
         if not dataset_dir:
             raise DataError(f"{what}.data_loader.dataset_dir is not set (give --{what}_dir)")
         try:
@@ -28,7 +29,7 @@ class ShardedBatches:
         self.dataset_dir = dataset_dir
         probe = ds.MindDataset(self.files, shuffle=False)
         self.num_records = probe.get_dataset_size()
-        self.columns = [c for c in ("input_ids", "labels") if c in probe.get_col_names()]
+        self.columns = [c for c in BATCH_COLUMNS if c in probe.get_col_names()]
         if "input_ids" not in self.columns:
             raise DataError(f"{dataset_dir}: records have no 'input_ids' column (columns: {probe.get_col_names()})")
         if self.num_records == 0:
@@ -42,7 +43,6 @@ class ShardedBatches:
         self.accumulation_steps = accumulation_steps
         self.global_batch = batch_size * data_parallel * accumulation_steps
         self.shuffle, self.seed, self.drop_remainder = shuffle, seed, drop_remainder
-        self.pad_token_id, self.ignore_index = pad_token_id, ignore_index
         if drop_remainder:
             self.steps_per_epoch = self.num_records // self.global_batch
         else:
@@ -74,7 +74,7 @@ class ShardedBatches:
         return order[start_step:, :, self.rank, :]
 
     def epoch(self, epoch, start_step=0):
-        """Yield, per optimizer step, a list of `accumulation_steps` (input_ids, labels) arrays."""
+        """Yield, per optimizer step, a list of `accumulation_steps` micro-batches (dicts of columns)."""
         indices = self.rank_indices(epoch, start_step)
         if indices.size == 0:
             return
@@ -86,18 +86,22 @@ class ShardedBatches:
         reader = reader.batch(self.batch_size)
         micro = []
         padding = padding.reshape(-1, self.batch_size)
-        for number, row in enumerate(reader.create_tuple_iterator(num_epochs=1, output_numpy=True)):
-            input_ids, labels = self.learned_labels(row)
-            labels[padding[number]] = self.ignore_index
-            micro.append((input_ids, labels))
+        for number, row in enumerate(reader.create_dict_iterator(num_epochs=1, output_numpy=True)):
+            batch = learned_batch(row)
+            batch["labels"][padding[number]] = IGNORE_INDEX
+            micro.append(batch)
             if len(micro) == self.accumulation_steps:
                 yield micro
                 micro = []
 
-    def learned_labels(self, row):
-        """(input_ids, labels) int32; pretraining data learns every token; pad is never learned."""
-        input_ids = np.asarray(row[0], np.int32)
-        labels = np.asarray(row[1], np.int32).copy() if len(row) > 1 else input_ids.copy()
-        # MindFormers masks targets where the record holds pad (id 0), labels column or not.
-        labels[input_ids == self.pad_token_id] = self.ignore_index
-        return input_ids, labels
+
+def learned_batch(columns):
+    """The batch the model takes, from the columns read: every column int32, and `labels` for
+    data without them (pretraining text, which has no padding) equal to input_ids.
+
+    Which targets are learned comes from the labels alone. MindFormers also unlearns every
+    target equal to the pad id, which with Llama 3 (pad = id 0 = "!") would unlearn real text.
+    """
+    batch = {name: np.asarray(columns[name], BATCH_DTYPES[name]) for name in BATCH_COLUMNS if name in columns}
+    batch["labels"] = batch["labels"].copy() if "labels" in batch else batch["input_ids"].copy()
+    return batch
