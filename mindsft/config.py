@@ -79,6 +79,10 @@ class DatasetConfig:
     numa_enable: bool = False
     prefetch_size: int = 1
     output_columns: Optional[List[str]] = None
+    # eval_dataset only: also answer the first generate_samples records and score the replies
+    # (BLEU-4, ROUGE) with generation_config's settings (mindsft/generation_eval.py).
+    predict_with_generate: bool = False
+    generate_samples: int = 16
 
 
 @dataclasses.dataclass

@@ -190,13 +190,16 @@ class TrainingMonitor:
                 f"step_time {step_seconds * 1000:.0f} ms ETA {format_seconds(record['eta_s'])}")
         return record
 
-    def log_eval(self, step, loss, perplexity):
+    def log_eval(self, step, loss, perplexity, scores=None):
+        """Eval loss and perplexity, and `scores` of generation ({"eval_bleu-4": ...}) if any."""
         if not self.is_main:
             return
+        values = {"eval_loss": loss, "eval_perplexity": perplexity, **(scores or {})}
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, "eval_loss": loss, "eval_perplexity": perplexity}) + "\n")
-        self.tensorboard.scalars(step, {"eval_loss": loss, "eval_perplexity": perplexity})
-        self.write(f"eval at step {step}: loss {loss:.6f} perplexity {perplexity:.4f}")
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        self.tensorboard.scalars(step, values)
+        extra = "".join(f" {name[len('eval_'):]} {value:.2f}" for name, value in (scores or {}).items())
+        self.write(f"eval at step {step}: loss {loss:.6f} perplexity {perplexity:.4f}{extra}")
 
     def close(self):
         if self.is_main:
@@ -223,7 +226,8 @@ def read_metrics(path):
 
 
 def plot_loss(metrics_path, output_path=None):
-    """Loss curve PNG beside metrics.jsonl (raw and smoothed, as LLaMA-Factory's plot_loss)."""
+    """Loss curve PNG beside metrics.jsonl: the training loss raw and smoothed, as LLaMA-Factory's
+    plot_loss draws it, and the eval loss where the run evaluated."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -243,6 +247,10 @@ def plot_loss(metrics_path, output_path=None):
     figure = plt.figure()
     plt.plot(steps, losses, color="#1f77b4", alpha=0.4, label="original")
     plt.plot(steps, smoothed, color="#1f77b4", label="smoothed")
+    evaluated = [r for r in read_metrics(metrics_path) if "eval_loss" in r]
+    if evaluated:
+        plt.plot([r["step"] for r in evaluated], [r["eval_loss"] for r in evaluated], color="#ff7f0e",
+                 marker="o", label="eval_loss")
     plt.title(f"training loss of {os.path.dirname(os.path.abspath(metrics_path))}")
     plt.xlabel("step")
     plt.ylabel("loss")

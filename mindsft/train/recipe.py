@@ -16,6 +16,7 @@ import mindspore as ms
 from mindsft.data.schema import dataset_manifest
 from mindsft.data.split import recorded_eval_dataset_dir
 from mindsft.errors import ConfigError, MindsftError
+from mindsft.generation_eval import GenerationEval
 from mindsft.models.llama import LlamaForCausalLM
 from mindsft.models.weights import assign_weights
 from mindsft.train import checkpoint as ckpt
@@ -204,6 +205,10 @@ def train(config):
         load_weights(model, ckpt.find_weights_file(config.load_checkpoint, rank))
     elif config.load_checkpoint and config.resume_training and not os.path.isdir(config.load_checkpoint):
         load_weights(model, ckpt.find_weights_file(config.load_checkpoint, rank))
+    # Only rank 0 reports, so only it generates (the others wait for it at the next step).
+    generation_eval = None
+    if eval_data is not None and config.eval_dataset.predict_with_generate and is_main:
+        generation_eval = GenerationEval.from_config(config, model, eval_data.files)
 
     params = model.trainable_params()
     opt = config.optimizer
@@ -266,7 +271,8 @@ def train(config):
             if eval_data is not None and config.eval_step_interval > 0 \
                     and state["global_step"] % config.eval_step_interval == 0:
                 eval_loss, perplexity = evaluate_loss(model, eval_data, world_size)
-                monitor.log_eval(state["global_step"], eval_loss, perplexity)
+                scores = generation_eval() if generation_eval is not None else {}
+                monitor.log_eval(state["global_step"], eval_loss, perplexity, scores)
     monitor.close()
     if checkpoint_settings and state["global_step"] % checkpoint_settings.save_checkpoint_steps != 0:
         save_state(config, checkpoint_dir, rank, model, optimizer, state, config.runner_config.epochs - 1,
@@ -365,6 +371,8 @@ def evaluate(config):
     load_weights(model, ckpt.find_weights_file(config.load_checkpoint, rank))
     loss, perplexity = evaluate_loss(model, data, world_size)
     result = {"eval_loss": loss, "eval_perplexity": perplexity, "records": data.num_records}
+    if config.eval_dataset.predict_with_generate and rank == 0:
+        result.update(GenerationEval.from_config(config, model, data.files)())
     if rank == 0:
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "eval_results.json"), "w") as f:
