@@ -11,7 +11,7 @@ from mindsft.data.mindrecord import read_mindrecord
 from mindsft.data.mixing import Source, mix_order, read_manifest
 from mindsft.data.preprocess import PreprocessOptions, preprocess
 from mindsft.errors import ConfigError
-from mindsft.sample import SAMPLE_ALPACA, sample_texts, train_tokenizer
+from mindsft.demo_model import SAMPLE_ALPACA, sample_texts, train_tokenizer
 
 datasets = pytest.importorskip("datasets", reason="the reference for interleaving: pip install datasets")
 

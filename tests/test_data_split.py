@@ -11,7 +11,7 @@ from mindsft.data.mindrecord import read_mindrecord
 from mindsft.data.preprocess import PreprocessOptions, preprocess, stats_path
 from mindsft.data.split import eval_count, recorded_eval_dataset_dir, split_positions
 from mindsft.errors import ConfigError
-from mindsft.sample import SAMPLE_ALPACA, sample_texts, train_tokenizer
+from mindsft.demo_model import SAMPLE_ALPACA, sample_texts, train_tokenizer
 
 
 @pytest.mark.parametrize("val_size, seed", [(0.1, 42), (0.25, 0), (7, 3), (30, 42)])

@@ -11,7 +11,7 @@ from mindsft.data.mindrecord import shard_names
 from mindsft.data.preprocess import PreprocessOptions, preprocess
 from mindsft.generation_eval import reply_samples
 from mindsft.metrics import METRIC_NAMES
-from mindsft.sample import SAMPLE_ALPACA, sample_texts, train_tokenizer
+from mindsft.demo_model import SAMPLE_ALPACA, sample_texts, train_tokenizer
 from mindsft.templates import get_template
 from mindsft.tokenizer import LlamaTokenizer
 from trainkit import TINY_YAML, model_overrides, run_python, write_start_checkpoint

@@ -12,14 +12,31 @@ import numpy as np
 import mindspore.dataset as ds
 
 from mindsft.data.schema import BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, mindrecord_files, record_length
+from mindsft.data.split import recorded_eval_dataset_dir
 from mindsft.errors import DataError
+
+
+def build_data(config, dataset, rank, world_size, train=True):
+    """The ShardedBatches of a run config's train_dataset (train) or eval_dataset (in order, whole)."""
+    dataset_dir = dataset.data_loader.dataset_dir
+    if not train and not dataset_dir:
+        # llama_preprocess --val_size wrote eval records beside the train ones and recorded where.
+        dataset_dir = recorded_eval_dataset_dir(config.train_dataset.data_loader.dataset_dir)
+    return ShardedBatches(
+        dataset_dir, config.model_config.seq_length, config.runner_config.batch_size,
+        data_parallel=world_size, rank=rank,
+        accumulation_steps=config.runner_config.gradient_accumulation_steps if train else 1,
+        shuffle=dataset.data_loader.shuffle if train else False, seed=config.seed,
+        drop_remainder=dataset.drop_remainder if train else False, what="train_dataset" if train else "eval_dataset",
+        input_columns=dataset.input_columns)
 
 
 class ShardedBatches:
     """Micro-batches of one rank, in the global order above. Reads only this rank's records."""
 
     def __init__(self, dataset_dir, seq_length, batch_size, data_parallel=1, rank=0,
-                 accumulation_steps=1, shuffle=True, seed=0, drop_remainder=True, what="train_dataset"):
+                 accumulation_steps=1, shuffle=True, seed=0, drop_remainder=True, what="train_dataset",
+                 input_columns=BATCH_COLUMNS):
         if not dataset_dir:
             raise DataError(f"{what}.data_loader.dataset_dir is not set (give --{what}_dir)")
         try:
@@ -29,7 +46,13 @@ class ShardedBatches:
         self.dataset_dir = dataset_dir
         probe = ds.MindDataset(self.files, shuffle=False)
         self.num_records = probe.get_dataset_size()
-        self.columns = [c for c in BATCH_COLUMNS if c in probe.get_col_names()]
+        unknown = [c for c in input_columns if c not in BATCH_COLUMNS]
+        if unknown:
+            raise DataError(f"{what}.input_columns: {', '.join(unknown)} is not a column the model takes "
+                            f"({', '.join(BATCH_COLUMNS)})")
+        # As MindFormers: the columns read are the YAML's input_columns that the records hold, so a
+        # pretraining config (input_ids only) learns every token of qa records too.
+        self.columns = [c for c in BATCH_COLUMNS if c in input_columns and c in probe.get_col_names()]
         if "input_ids" not in self.columns:
             raise DataError(f"{dataset_dir}: records have no 'input_ids' column (columns: {probe.get_col_names()})")
         if self.num_records == 0:
@@ -93,6 +116,11 @@ class ShardedBatches:
             if len(micro) == self.accumulation_steps:
                 yield micro
                 micro = []
+
+    def batches(self, epoch=0):
+        """Every micro-batch of this rank in one epoch, one after another (evaluation)."""
+        for micro_batches in self.epoch(epoch):
+            yield from micro_batches
 
 
 def learned_batch(columns):
