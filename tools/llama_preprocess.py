@@ -48,7 +48,8 @@ def build_parser():
     parser.add_argument("--file_partition", type=int, default=1, help="number of shards")
     parser.add_argument("--repeat", type=int, default=1, help="write the data this many times")
     parser.add_argument("--num_workers", type=int, default=1,
-                        help="tokenizer processes; the output bytes do not depend on it")
+                        help="tokenizer processes (a tokenizer.json uses its library's threads instead); "
+                             "the output bytes do not depend on it")
     parser.add_argument("--template", default="vicuna_v1.1", choices=TEMPLATE_NAMES,
                         help="qa prompt template (vicuna_v1.1 is MindFormers' and FastChat's)")
     parser.add_argument("--tokenizer_config", default=None,
