@@ -10,15 +10,23 @@ from mindsft.errors import DataError
 
 DATASET_TYPES = ("qa", "wiki")
 COLUMNS = {"qa": ("input_ids", "labels"), "wiki": ("input_ids",)}
+# Packed qa rows add the samples' cumulative end offsets (see mindsft/data/packing.py); its
+# presence in a dataset is what tells the trainer the rows are packed.
+PACKED_COLUMN = "actual_seq_len"
 # MindFormers' reader only takes files named like x.mindrecord, x.mindrecord0, x.mindrecord12.
 MINDRECORD_NAME = re.compile(r".*mindrecord\d*$")
 
 
-def mindrecord_schema(dataset_type):
-    """FileWriter schema for a dataset type: int32 token columns of variable length."""
+def columns(dataset_type, packed=False):
+    """The columns of a dataset type's records, the boundary column last when packed."""
     if dataset_type not in COLUMNS:
         raise DataError(f"dataset_type {dataset_type!r} is not one of {', '.join(DATASET_TYPES)}")
-    return {name: {"type": "int32", "shape": [-1]} for name in COLUMNS[dataset_type]}
+    return COLUMNS[dataset_type] + ((PACKED_COLUMN,) if packed else ())
+
+
+def mindrecord_schema(dataset_type, packed=False):
+    """FileWriter schema for a dataset type: int32 columns of variable length."""
+    return {name: {"type": "int32", "shape": [-1]} for name in columns(dataset_type, packed)}
 
 
 def record_length(seq_length):
