@@ -55,7 +55,7 @@ def run_variant(args):
     batch = rng.randint(0, args.vocab, (args.batch, args.seq)).astype(np.int32)
 
     def train_step(input_ids, labels):
-        return step.step([(input_ids, labels)], 1e-4, 1.0)[0]
+        return step.step([{"input_ids": input_ids, "labels": labels}], 1e-4, 1.0)[0]
 
     input_ids = labels = batch
     start = time.perf_counter()

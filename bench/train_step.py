@@ -172,10 +172,10 @@ def run_mindsft(args):
     optimizer = AdamWUpdate(params, 0.9, 0.999, 1e-8, 0.0)
     train_step = TrainStep(model, params, optimizer, max_grad_norm=1.0)
     cpu_times = []
-    first, median, first_loss = timed(lambda: train_step.step([(input_ids, labels)], 1e-4, 1.0),
+    first, median, first_loss = timed(lambda: train_step.step([{"input_ids": input_ids, "labels": labels}], 1e-4, 1.0),
                                       args.warmup, args.steps, cpu_times)
     result.update(step_cpu_s=float(np.median(cpu_times)), first_step_s=first, step_s=median,
-                  first_loss=first_loss[0], last_loss=train_step.step([(input_ids, labels)], 1e-4, 1.0)[0])
+                  first_loss=first_loss[0], last_loss=train_step.step([{"input_ids": input_ids, "labels": labels}], 1e-4, 1.0)[0])
     return result
 
 

@@ -79,6 +79,10 @@ class DatasetConfig:
     numa_enable: bool = False
     prefetch_size: int = 1
     output_columns: Optional[List[str]] = None
+    # mindsft: cut each batch of unpacked rows after its last learned token, rounded up to a
+    # multiple of this many tokens (0: full seq_length + 1 rows, MindFormers' way). Packed data
+    # ignores it.
+    pad_to_multiple_of: int = 0
 
 
 @dataclasses.dataclass
@@ -470,6 +474,10 @@ def validate(config):
     for key in ("data_parallel", "model_parallel", "pipeline_stage", "micro_batch_num"):
         if getattr(config.parallel_config, key) < 1:
             raise ConfigError(f"parallel_config.{key} must be at least 1, got {getattr(config.parallel_config, key)}")
+    for section in ("train_dataset", "eval_dataset"):
+        if getattr(config, section).pad_to_multiple_of < 0:
+            raise ConfigError(f"{section}.pad_to_multiple_of must be 0 (off) or a positive number of tokens, got "
+                              f"{getattr(config, section).pad_to_multiple_of}")
     if not config.model.model_config:
         raise ConfigError("model.model_config is empty: the model's shape must be given")
     config.llama_config  # noqa: B018 - raises ConfigError on a bad model_config now, not mid-run

@@ -19,11 +19,12 @@ from mindspore import Tensor
 from tqdm import tqdm
 
 from mindsft.data.conversations import normalize_record, read_json_records
+from mindsft.data.schema import IGNORE_INDEX
 from mindsft.errors import DataError
 from mindsft.files import atomic_output
 from mindsft.generate import GenerationConfig, Generator
 from mindsft.metrics import similarity_scores
-from mindsft.templates import IGNORE_INDEX, encode_segments, get_template
+from mindsft.templates import encode_segments, get_template
 
 PROMPT_FILE_SUFFIXES = (".txt", ".json", ".jsonl")
 PREDICTIONS_FILE = "generated_predictions.jsonl"

@@ -17,7 +17,6 @@ import numpy as np
 
 from mindsft.errors import ConfigError, DataError
 
-IGNORE_INDEX = -100
 BOS_TEXT, EOS_TEXT = "<s>", "</s>"
 
 # Stanford Alpaca's prompts, verbatim (tatsu-lab/stanford_alpaca train.py).

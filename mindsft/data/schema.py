@@ -6,13 +6,25 @@ so position t learns labels[t + 1] (MindFormers' convention: input_ids[:-1] pred
 import os
 import re
 
+import numpy as np
+
 from mindsft.errors import DataError
 
-DATASET_TYPES = ("qa", "wiki")
-COLUMNS = {"qa": ("input_ids", "labels"), "wiki": ("input_ids",)}
+# The label of a token the model does not learn (HuggingFace's and MindFormers' value). The data
+# is written with it and the model skips it: it is not a setting, so the two cannot disagree.
+IGNORE_INDEX = -100
 # Packed qa rows add the samples' cumulative end offsets (see mindsft/data/packing.py); its
 # presence in a dataset is what tells the trainer the rows are packed.
 PACKED_COLUMN = "actual_seq_len"
+# A batch is a dict of these columns (all int32; input_ids and labels [batch, seq_length + 1],
+# actual_seq_len [batch, K] when the rows are packed). The model's `loss_terms` takes them in
+# this order under the same names; a dataset without `labels` (pretraining text) learns every
+# token.
+BATCH_COLUMNS = ("input_ids", "labels", PACKED_COLUMN)
+BATCH_DTYPES = {name: np.int32 for name in BATCH_COLUMNS}
+
+DATASET_TYPES = ("qa", "wiki")
+COLUMNS = {"qa": ("input_ids", "labels"), "wiki": ("input_ids",)}
 # MindFormers' reader only takes files named like x.mindrecord, x.mindrecord0, x.mindrecord12.
 MINDRECORD_NAME = re.compile(r".*mindrecord\d*$")
 
@@ -27,6 +39,11 @@ def columns(dataset_type, packed=False):
 def mindrecord_schema(dataset_type, packed=False):
     """FileWriter schema for a dataset type: int32 columns of variable length."""
     return {name: {"type": "int32", "shape": [-1]} for name in columns(dataset_type, packed)}
+
+
+def batch_arguments(batch):
+    """The batch's columns as the model's `loss_terms` takes them, in BATCH_COLUMNS order."""
+    return tuple(batch[name] for name in BATCH_COLUMNS if name in batch)
 
 
 def record_length(seq_length):

@@ -521,7 +521,7 @@ class LlamaForCausalLM(nn.Cell):
             logits = self.lm_head(hidden)
         return logits.astype(ms.float32)
 
-    def loss_terms(self, input_ids, labels, attention_mask=None, actual_seq_len=None):
+    def loss_terms(self, input_ids, labels, actual_seq_len=None, attention_mask=None):
         """(sum of token cross-entropies, count of learned tokens): the trainer divides by the
         count over the whole global batch so that splitting the batch changes nothing.
 
@@ -550,7 +550,7 @@ class LlamaForCausalLM(nn.Cell):
     def construct(self, input_ids, labels=None, attention_mask=None, actual_seq_len=None):
         if labels is None:
             return self.logits_from_hidden(self.model(input_ids, attention_mask, actual_seq_len))
-        loss_sum, count = self.loss_terms(input_ids, labels, attention_mask, actual_seq_len)
+        loss_sum, count = self.loss_terms(input_ids, labels, actual_seq_len, attention_mask)
         return loss_sum / ops.maximum(count, 1.0)
 
 

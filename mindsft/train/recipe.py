@@ -12,17 +12,16 @@ import os
 import time
 
 import mindspore as ms
-from mindspore import Tensor
 
 from mindsft.data.schema import dataset_manifest
 from mindsft.errors import ConfigError, MindsftError
 from mindsft.models.llama import LlamaForCausalLM
 from mindsft.models.weights import assign_weights
 from mindsft.train import checkpoint as ckpt
-from mindsft.train.data import ShardedBatches
+from mindsft.train.batches import ShardedBatches
 from mindsft.train.monitor import TrainingMonitor, plot_loss
 from mindsft.train.schedule import build_lr_schedule
-from mindsft.train.step import AdamWUpdate, EvalStep, TrainStep
+from mindsft.train.step import AdamWUpdate, EvalStep, TrainStep, tensors_of
 
 OPTIMIZER_STATE_PREFIXES = ("adam_m.", "adam_v.", "accum_grad.")
 STATE_KEYS = ("global_step", "loss_scale", "good_steps", "epoch_num", "step_num")
@@ -170,8 +169,7 @@ def build_data(config, dataset, rank, world_size, train=True):
         data_parallel=world_size, rank=rank,
         accumulation_steps=config.runner_config.gradient_accumulation_steps if train else 1,
         shuffle=dataset.data_loader.shuffle if train else False, seed=config.seed,
-        drop_remainder=dataset.drop_remainder if train else False,
-        pad_token_id=model_config.pad_token_id, ignore_index=model_config.ignore_index,
+        drop_remainder=dataset.drop_remainder if train else False, pad_to_multiple_of=dataset.pad_to_multiple_of,
         what="train_dataset" if train else "eval_dataset")
 
 
@@ -266,6 +264,9 @@ def train(config):
                 eval_loss, perplexity = evaluate_loss(model, eval_data, world_size)
                 monitor.log_eval(state["global_step"], eval_loss, perplexity)
     monitor.close()
+    if is_main and data.pad_to_multiple_of:
+        print(f"bucketed batches: the step was compiled for {len(data.lengths_seen)} lengths "
+              f"{sorted(data.lengths_seen)} (pad_to_multiple_of {data.pad_to_multiple_of})")
     if checkpoint_settings and state["global_step"] % checkpoint_settings.save_checkpoint_steps != 0:
         save_state(config, checkpoint_dir, rank, model, optimizer, state, config.runner_config.epochs - 1,
                    data.steps_per_epoch)
@@ -345,8 +346,8 @@ def evaluate_loss(model, data, world_size):
     eval_step = EvalStep(model, world_size)
     loss_sum, count = 0.0, 0.0
     for micro_batches in data.epoch(0):
-        for input_ids, labels in micro_batches:
-            part_sum, part_count = eval_step(Tensor(input_ids), Tensor(labels))
+        for batch in micro_batches:
+            part_sum, part_count = eval_step(*tensors_of(batch))
             loss_sum += float(part_sum.asnumpy())
             count += float(part_count.asnumpy())
     loss = loss_sum / max(count, 1.0)

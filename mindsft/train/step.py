@@ -10,6 +10,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from mindsft.data.schema import batch_arguments
 from mindsft.models.cpu_kernels import adamw_step
 
 
@@ -70,6 +71,9 @@ class AdamWUpdate(nn.Cell):
 class TrainStep(nn.Cell):
     """One optimizer step. `step(micro_batches, lr, scale)` → (loss, grad_norm, finite) as numbers.
 
+    A micro-batch is a dict of named columns (`mindsft.data.schema`); the compiled graphs take
+    them positionally in BATCH_COLUMNS order, which is the order of the model's `loss_terms`.
+
     With accumulation, each micro-batch's gradient sums into buffers (`accumulate`), and the
     update (`apply_buffers`) runs once per step; without, one fused graph does both.
     """
@@ -94,8 +98,8 @@ class TrainStep(nn.Cell):
             object.__setattr__(self, "accumulate", Accumulate(self))
             object.__setattr__(self, "apply_buffers", ApplyBuffers(self))
 
-    def scaled_loss_sum(self, input_ids, labels, scale):
-        loss_sum, count = self.model.loss_terms(input_ids, labels)
+    def scaled_loss_sum(self, scale, *columns):
+        loss_sum, count = self.model.loss_terms(*columns)
         return loss_sum * scale, count
 
     def update(self, grads, loss_sum, count, lr, scale):
@@ -128,25 +132,29 @@ class TrainStep(nn.Cell):
         done = self.optimizer(normed, lr, keep)
         return ops.depend(loss_sum / tokens, done), ops.depend(grad_norm, done), finite
 
-    def construct(self, input_ids, labels, lr, scale):
-        (scaled_sum, count), grads = self.grad_fn(input_ids, labels, scale)
+    def construct(self, lr, scale, *columns):
+        (scaled_sum, count), grads = self.grad_fn(scale, *columns)
         return self.update(grads, scaled_sum / scale, count, lr, scale)
 
     def step(self, micro_batches, lr, scale):
         lr_t = Tensor(lr, ms.float32)
         scale_t = Tensor(scale, ms.float32)
         if self.accumulation_steps == 1:
-            input_ids, labels = micro_batches[0]
-            loss, grad_norm, finite = self(Tensor(input_ids), Tensor(labels), lr_t, scale_t)
+            loss, grad_norm, finite = self(lr_t, scale_t, *tensors_of(micro_batches[0]))
         else:
             loss_sum, count = 0.0, 0.0
-            for input_ids, labels in micro_batches:
-                part_sum, part_count = self.accumulate(Tensor(input_ids), Tensor(labels), scale_t)
+            for batch in micro_batches:
+                part_sum, part_count = self.accumulate(scale_t, *tensors_of(batch))
                 loss_sum += float(part_sum.asnumpy())
                 count += float(part_count.asnumpy())
             loss, grad_norm, finite = self.apply_buffers(Tensor(loss_sum, ms.float32), Tensor(count, ms.float32),
                                                          lr_t, scale_t)
         return float(loss.asnumpy()), float(grad_norm.asnumpy()), bool(finite.asnumpy())
+
+
+def tensors_of(batch):
+    """The batch's columns as Tensors, in the order the compiled graphs take them."""
+    return tuple(Tensor(column) for column in batch_arguments(batch))
 
 
 class Accumulate(nn.Cell):
@@ -156,8 +164,8 @@ class Accumulate(nn.Cell):
         super().__init__(auto_prefix=False)
         self.train_step = train_step
 
-    def construct(self, input_ids, labels, scale):
-        (scaled_sum, count), grads = self.train_step.grad_fn(input_ids, labels, scale)
+    def construct(self, scale, *columns):
+        (scaled_sum, count), grads = self.train_step.grad_fn(scale, *columns)
         done = ()
         for i in range(len(grads)):
             done += (ops.assign_add(self.train_step.grad_buffers[i], grads[i].astype(ms.float32)),)
@@ -183,7 +191,9 @@ class ApplyBuffers(nn.Cell):
 
 
 class EvalStep(nn.Cell):
-    """(loss sum, learned-token count) of a batch, summed over data-parallel ranks."""
+    """(loss sum, learned-token count) of a batch, summed over data-parallel ranks.
+
+    `eval_step(*tensors_of(batch))`."""
 
     def __init__(self, model, world_size=1):
         super().__init__(auto_prefix=False)
@@ -192,8 +202,8 @@ class EvalStep(nn.Cell):
         if world_size > 1:
             self.allreduce = ops.AllReduce()
 
-    def construct(self, input_ids, labels):
-        loss_sum, count = self.model.loss_terms(input_ids, labels)
+    def construct(self, *columns):
+        loss_sum, count = self.model.loss_terms(*columns)
         if self.world_size > 1:
             loss_sum = self.allreduce(loss_sum)
             count = self.allreduce(count)

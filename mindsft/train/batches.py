@@ -5,11 +5,18 @@ before anything is split. Global batch s is order[s*G:(s+1)*G]; accumulation mic
 rank r takes its `batch_size` samples at offset (k*dp + r)*batch_size. So the set of samples in
 an optimizer step does not depend on how many ranks or micro-steps share it, and resuming at
 step s reads exactly what an uninterrupted run would have read.
+
+A micro-batch is a dict of the named columns of `mindsft.data.schema.BATCH_COLUMNS`. Packed
+rows (an `actual_seq_len` column) come with their boundaries padded to the dataset's largest
+count of samples in a row (repeating the row length), so every batch has one shape. Unpacked
+rows can be cut to their batch's longest learned position rounded up to a multiple
+(`pad_to_multiple_of`): a few shapes, each compiled once, instead of always the full row.
 """
 import numpy as np
 import mindspore.dataset as ds
 
-from mindsft.data.schema import mindrecord_files, record_length
+from mindsft.data.schema import (BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, PACKED_COLUMN, mindrecord_files,
+                                  record_length)
 from mindsft.errors import DataError
 
 
@@ -17,8 +24,8 @@ class ShardedBatches:
     """Micro-batches of one rank, in the global order above. Reads only this rank's records."""
 
     def __init__(self, dataset_dir, seq_length, batch_size, data_parallel=1, rank=0,
-                 accumulation_steps=1, shuffle=True, seed=0, drop_remainder=True,
-                 pad_token_id=0, ignore_index=-100, what="train_dataset"):
+                 accumulation_steps=1, shuffle=True, seed=0, drop_remainder=True, pad_to_multiple_of=0,
+                 what="train_dataset"):
         if not dataset_dir:
             raise DataError(f"{what}.data_loader.dataset_dir is not set (give --{what}_dir)")
         try:
@@ -28,7 +35,7 @@ class ShardedBatches:
         self.dataset_dir = dataset_dir
         probe = ds.MindDataset(self.files, shuffle=False)
         self.num_records = probe.get_dataset_size()
-        self.columns = [c for c in ("input_ids", "labels") if c in probe.get_col_names()]
+        self.columns = [c for c in BATCH_COLUMNS if c in probe.get_col_names()]
         if "input_ids" not in self.columns:
             raise DataError(f"{dataset_dir}: records have no 'input_ids' column (columns: {probe.get_col_names()})")
         if self.num_records == 0:
@@ -38,11 +45,15 @@ class ShardedBatches:
         if self.record_length != record_length(seq_length):
             raise DataError(f"{dataset_dir}: records hold {self.record_length} tokens but model seq_length "
                             f"{seq_length} needs {record_length(seq_length)} (seq_length + 1)")
+        self.packed = PACKED_COLUMN in self.columns
+        self.boundary_count = boundary_count(self.files, self.record_length) if self.packed else 0
+        # Packed rows are full already; cutting them would only add shapes.
+        self.pad_to_multiple_of = 0 if self.packed else (pad_to_multiple_of or 0)
+        self.lengths_seen = set()
         self.batch_size, self.data_parallel, self.rank = batch_size, data_parallel, rank
         self.accumulation_steps = accumulation_steps
         self.global_batch = batch_size * data_parallel * accumulation_steps
         self.shuffle, self.seed, self.drop_remainder = shuffle, seed, drop_remainder
-        self.pad_token_id, self.ignore_index = pad_token_id, ignore_index
         if drop_remainder:
             self.steps_per_epoch = self.num_records // self.global_batch
         else:
@@ -74,7 +85,7 @@ class ShardedBatches:
         return order[start_step:, :, self.rank, :]
 
     def epoch(self, epoch, start_step=0):
-        """Yield, per optimizer step, a list of `accumulation_steps` (input_ids, labels) arrays."""
+        """Yield, per optimizer step, a list of `accumulation_steps` micro-batches (dicts of columns)."""
         indices = self.rank_indices(epoch, start_step)
         if indices.size == 0:
             return
@@ -83,21 +94,53 @@ class ShardedBatches:
         # Padding slots (drop_remainder False) read record 0 and learn nothing from it.
         reader = ds.MindDataset(self.files, columns_list=self.columns,
                                 sampler=ds.SubsetSampler(np.where(padding, 0, flat).tolist()), shuffle=None)
-        reader = reader.batch(self.batch_size)
+        pad_info = {PACKED_COLUMN: ([self.boundary_count], self.record_length)} if self.packed else None
+        reader = reader.batch(self.batch_size, pad_info=pad_info)
         micro = []
         padding = padding.reshape(-1, self.batch_size)
-        for number, row in enumerate(reader.create_tuple_iterator(num_epochs=1, output_numpy=True)):
-            input_ids, labels = self.learned_labels(row)
-            labels[padding[number]] = self.ignore_index
-            micro.append((input_ids, labels))
+        for number, row in enumerate(reader.create_dict_iterator(num_epochs=1, output_numpy=True)):
+            batch = learned_batch(row)
+            batch["labels"][padding[number]] = IGNORE_INDEX
+            if self.pad_to_multiple_of:
+                batch = cut_to_learned(batch, self.pad_to_multiple_of)
+            self.lengths_seen.add(batch["input_ids"].shape[1])
+            micro.append(batch)
             if len(micro) == self.accumulation_steps:
                 yield micro
                 micro = []
 
-    def learned_labels(self, row):
-        """(input_ids, labels) int32; pretraining data learns every token; pad is never learned."""
-        input_ids = np.asarray(row[0], np.int32)
-        labels = np.asarray(row[1], np.int32).copy() if len(row) > 1 else input_ids.copy()
-        # MindFormers masks targets where the record holds pad (id 0), labels column or not.
-        labels[input_ids == self.pad_token_id] = self.ignore_index
-        return input_ids, labels
+
+def learned_batch(columns):
+    """The batch the model takes, from the columns read: every column int32, and `labels` for
+    data without them (pretraining text, which has no padding) equal to input_ids.
+
+    Which targets are learned comes from the labels alone. MindFormers also unlearns every
+    target equal to the pad id, which with Llama 3 (pad = id 0 = "!") would unlearn real text.
+    """
+    batch = {name: np.asarray(columns[name], BATCH_DTYPES[name]) for name in BATCH_COLUMNS if name in columns}
+    batch["labels"] = batch["labels"].copy() if "labels" in batch else batch["input_ids"].copy()
+    return batch
+
+
+def cut_to_learned(batch, multiple):
+    """The batch cut after its last learned target, rounded up to `multiple` tokens (never past
+    the row): a position only sees those before it, so what is cut changes no loss."""
+    learned = (batch["labels"] != IGNORE_INDEX).any(0)
+    last = int(np.nonzero(learned)[0].max()) + 1 if learned.any() else 1
+    length = min(batch["input_ids"].shape[1], -(-last // multiple) * multiple)
+    return {name: column[:, :length] for name, column in batch.items()}
+
+
+def boundary_count(files, row_length):
+    """The most samples in one packed row (boundaries per row), after checking every row's
+    boundaries: increasing offsets within the row."""
+    reader = ds.MindDataset(files, columns_list=[PACKED_COLUMN], shuffle=False)
+    most = 0
+    for index, row in enumerate(reader.create_tuple_iterator(num_epochs=1, output_numpy=True)):
+        ends = np.asarray(row[0]).reshape(-1)
+        if ends.size == 0 or ends[0] < 1 or ends[-1] > row_length or (ends.size > 1 and (np.diff(ends) <= 0).any()):
+            raise DataError(f"{files[0]}{' (and other shards)' if len(files) > 1 else ''}: record {index}: "
+                            f"{PACKED_COLUMN} {ends.tolist()} is not increasing offsets within the row of "
+                            f"{row_length} tokens")
+        most = max(most, ends.size)
+    return most
