@@ -94,8 +94,11 @@ class ShardedBatches:
         # Padding slots (drop_remainder False) read record 0 and learn nothing from it.
         reader = ds.MindDataset(self.files, columns_list=self.columns,
                                 sampler=ds.SubsetSampler(np.where(padding, 0, flat).tolist()), shuffle=None)
-        pad_info = {PACKED_COLUMN: ([self.boundary_count], self.record_length)} if self.packed else None
-        reader = reader.batch(self.batch_size, pad_info=pad_info)
+        if self.packed:
+            reader = reader.padded_batch(self.batch_size,
+                                         pad_info={PACKED_COLUMN: ([self.boundary_count], self.record_length)})
+        else:
+            reader = reader.batch(self.batch_size)
         micro = []
         padding = padding.reshape(-1, self.batch_size)
         for number, row in enumerate(reader.create_dict_iterator(num_epochs=1, output_numpy=True)):
