@@ -90,20 +90,31 @@ class ShardedBatches:
         if indices.size == 0:
             return
         flat = indices.reshape(-1)
-        padding = flat < 0
-        # Padding slots (drop_remainder False) read record 0 and learn nothing from it.
+        # Padding slots (drop_remainder False, at the end of the order, so at the end of each
+        # rank's slice) repeat a row read and learn nothing. They are added here, not read:
+        # SubsetSampler refuses more indices than the dataset holds.
+        real = flat[flat >= 0]
         reader = ds.MindDataset(self.files, columns_list=self.columns,
-                                sampler=ds.SubsetSampler(np.where(padding, 0, flat).tolist()), shuffle=None)
+                                sampler=ds.SubsetSampler(real.tolist() if real.size else [0]), shuffle=None)
         if self.packed:
             reader = reader.padded_batch(self.batch_size,
                                          pad_info={PACKED_COLUMN: ([self.boundary_count], self.record_length)})
         else:
             reader = reader.batch(self.batch_size)
+        read = (learned_batch(row) for row in reader.create_dict_iterator(num_epochs=1, output_numpy=True))
         micro = []
-        padding = padding.reshape(-1, self.batch_size)
-        for number, row in enumerate(reader.create_dict_iterator(num_epochs=1, output_numpy=True)):
-            batch = learned_batch(row)
-            batch["labels"][padding[number]] = IGNORE_INDEX
+        template = None  # a row read, learning nothing: what padding slots hold
+        for _ in range(flat.size // self.batch_size):
+            batch = next(read, None)
+            if batch is not None and template is None:
+                template = padding_rows(batch, 1)
+            if not real.size:  # this rank's slice is all padding; the one row read stands in
+                batch = None
+            if batch is None:
+                batch = padding_rows(template, self.batch_size)
+            elif len(batch["input_ids"]) < self.batch_size:
+                fill = padding_rows(template, self.batch_size - len(batch["input_ids"]))
+                batch = {name: np.concatenate([column, fill[name]]) for name, column in batch.items()}
             if self.pad_to_multiple_of:
                 batch = cut_to_learned(batch, self.pad_to_multiple_of)
             self.lengths_seen.add(batch["input_ids"].shape[1])
@@ -111,6 +122,13 @@ class ShardedBatches:
             if len(micro) == self.accumulation_steps:
                 yield micro
                 micro = []
+
+
+def padding_rows(batch, count):
+    """A batch's first row with nothing learned, `count` times."""
+    first = {name: column[:1] for name, column in batch.items()}
+    first["labels"] = np.full_like(first["labels"], IGNORE_INDEX)
+    return {name: np.repeat(column, count, 0) for name, column in first.items()}
 
 
 def learned_batch(columns):
