@@ -77,7 +77,7 @@ def main(argv=None):
     config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_run_config(config_path, overrides)
-        from mindsft.train.recipe import run
+        from mindsft.run import run
         run(config)
     except MindsftError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,9 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mindsft.convert import dtypes  # noqa: E402
-from mindsft.convert.names import ms_to_hf_name  # noqa: E402
 from mindsft.convert.safetensors_format import write_safetensors  # noqa: E402
-from mindsft.convert.shapes import llama_dims_from_hf, weight_shapes  # noqa: E402
+from mindsft.models.families import config_from_hf  # noqa: E402
 
 
 def hf_config(layers):
@@ -40,7 +39,8 @@ def generate(folder, config):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
     pool = dtypes.convert((0.02 * rng.standard_normal(4 * 2**20)).astype(np.float32), "float32", "bfloat16")
-    shapes = {ms_to_hf_name(n): s for n, s in weight_shapes(llama_dims_from_hf(config)).items()}
+    family, model_config = config_from_hf(config)
+    shapes = {e.hf_name: e.hf_shape for e in family.weight_entries(model_config)}
     names = list(shapes)
     halves = [names[:len(names) // 2], names[len(names) // 2:]]
 
@@ -77,8 +77,11 @@ def run_load_everything(hf_dir, out):
     import torch
     import mindspore as ms
     from safetensors.torch import load_file
-    from mindsft.convert.names import hf_to_ms_name
+    from mindsft.models.families import config_from_hf
 
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        family, model_config = config_from_hf(json.load(f))
+    ms_name = {e.hf_name: e.ms_names[0] for e in family.weight_entries(model_config)}
     state = {}
     for name in sorted(os.listdir(hf_dir)):
         if name.endswith(".safetensors"):
@@ -87,7 +90,7 @@ def run_load_everything(hf_dir, out):
     for name, tensor in state.items():
         # as MindFormers' pt2ms: through float32 numpy, back to the source dtype in MindSpore
         value = ms.Tensor(tensor.to(torch.float32).numpy(), dtype=ms.bfloat16)
-        converted.append({"name": hf_to_ms_name(name), "data": value})
+        converted.append({"name": ms_name[name], "data": value})
     ms.save_checkpoint(converted, out)
 
 

@@ -16,10 +16,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from mindsft.convert.names import hf_to_ms_name  # noqa: E402
 from mindsft.generate import GenerationConfig, Generator  # noqa: E402
-from mindsft.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from mindsft.models.weights import assign_weights  # noqa: E402
+from mindsft.models.build import assign_weights  # noqa: E402
+from mindsft.models.families import hf_to_ms_arrays, model_config_from_hf  # noqa: E402
+from mindsft.models.llama import LlamaForCausalLM  # noqa: E402
 
 
 def build_models(args):
@@ -29,8 +29,9 @@ def build_models(args):
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=4096, eos_token_id=2, bos_token_id=1)
     hf = transformers.LlamaForCausalLM(hf_config).eval()
-    ours = LlamaForCausalLM(LlamaConfig.from_hf(hf.config.to_dict()))
-    assign_weights(ours, {hf_to_ms_name(k): v.detach().numpy() for k, v in hf.state_dict().items()},
+    config = model_config_from_hf(hf.config.to_dict())
+    ours = LlamaForCausalLM(config)
+    assign_weights(ours, hf_to_ms_arrays({k: v.detach().numpy() for k, v in hf.state_dict().items()}, config),
                    source="transformers")
     return hf, ours
 

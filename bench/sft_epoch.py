@@ -52,7 +52,7 @@ def parse_args(argv=None):
 
 
 def llama_config(args):
-    from mindsft.models.llama import LlamaConfig
+    from mindsft.models.config import LlamaConfig
     return LlamaConfig(vocab_size=32000, hidden_size=256, num_layers=4, num_heads=8, seq_length=args.seq,
                        max_position_embeddings=args.seq)
 
@@ -116,17 +116,18 @@ def run_mindsft(args, micro_batches):
     """The trainer's own TrainStep (graph mode, fused CPU kernels) over the epoch's batches."""
     import numpy as np
     import mindspore as ms
-    from mindsft.convert.names import hf_to_ms_name
+    from mindsft.models.build import assign_weights
+    from mindsft.models.families import hf_to_ms_arrays
     from mindsft.models.llama import LlamaForCausalLM
-    from mindsft.models.weights import assign_weights
     from mindsft.train.step import AdamWUpdate, TrainStep
 
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")
     threads = mindspore_threads()
-    model = LlamaForCausalLM(llama_config(args))
+    config = llama_config(args)
+    model = LlamaForCausalLM(config)
     with np.load(args.weights) as arrays:
-        assign_weights(model, {hf_to_ms_name(k): arrays[k] for k in arrays.files}, source=args.weights)
+        assign_weights(model, hf_to_ms_arrays({k: arrays[k] for k in arrays.files}, config), source=args.weights)
     params = model.trainable_params()
     train_step = TrainStep(model, params, AdamWUpdate(params, 0.9, 0.999, 1e-8, 0.0), max_grad_norm=1.0)
     times, losses = [], []
@@ -162,10 +163,11 @@ def run_torch(args, micro_batches, neat):
     import torch
     import transformers
     from mindsft.data.packing import sample_ids
+    from mindsft.models.families import hf_config_of
 
     threads = set_torch_threads(args.threads)
     config = llama_config(args)
-    hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_hf().items()
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in hf_config_of(config).items()
                                             if k not in ("architectures", "torch_dtype")})
     hf_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -238,7 +240,7 @@ def main(argv=None):
         worker(args)
         return 0
     import numpy as np
-    from mindsft.sample import random_llama_arrays
+    from mindsft.demo_model import random_llama_arrays
 
     runs = [r for r in args.runs.split(",") if r]
     passthrough = list(argv if argv is not None else sys.argv[1:])

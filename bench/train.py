@@ -43,11 +43,9 @@ def parse_args(argv=None):
 
 def read_settings(config_path):
     """(LlamaConfig, batch_size) of the YAML's model and runner."""
-    import yaml
-    from mindsft.models.llama import LlamaConfig
-    with open(config_path) as f:
-        raw = yaml.safe_load(f)
-    return LlamaConfig.from_mindformers(raw["model"]["model_config"]), int(raw["runner_config"]["batch_size"])
+    from mindsft.config import load_run_config
+    config = load_run_config(config_path)
+    return config.model_config, config.runner_config.batch_size
 
 
 def random_records(config, count, seed=0):
@@ -70,13 +68,13 @@ def prepare(work_dir, config, records):
     """Start checkpoint (.ckpt and .npz of HF names), MindRecord shards and the same records as .npz."""
     import numpy as np
     import mindspore as ms
-    from mindsft.convert.names import hf_to_ms_name
+    from mindsft.models.families import hf_to_ms_arrays
     from mindsft.data.mindrecord import write_mindrecord
-    from mindsft.sample import random_llama_arrays
+    from mindsft.demo_model import random_llama_arrays
 
     arrays = random_llama_arrays(config, seed=0)
     np.savez(os.path.join(work_dir, "start.npz"), **arrays)
-    ms.save_checkpoint([{"name": hf_to_ms_name(k), "data": ms.Tensor(v)} for k, v in arrays.items()],
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in hf_to_ms_arrays(arrays, config).items()],
                        os.path.join(work_dir, "start.ckpt"))
     input_ids, labels = random_records(config, records)
     np.savez(os.path.join(work_dir, "records.npz"), input_ids=input_ids, labels=labels)
@@ -140,8 +138,9 @@ def torch_worker(args):
     import transformers
 
     threads = set_torch_threads(args.threads)
+    from mindsft.models.families import hf_config_of
     config, _ = read_settings(args.config)
-    hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_hf().items()
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in hf_config_of(config).items()
                                             if k not in ("architectures", "torch_dtype")})
     model = transformers.LlamaForCausalLM(hf_config)
     with np.load(os.path.join(args.work_dir, "start.npz")) as arrays:

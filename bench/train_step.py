@@ -127,17 +127,18 @@ def run_mindsft(args):
     import mindspore as ms
     from mindspore import Tensor, nn
 
-    from mindsft.convert.names import hf_to_ms_name
+    from mindsft.models.build import assign_weights
+    from mindsft.models.families import hf_to_ms_arrays
     from mindsft.models.llama import LlamaForCausalLM
-    from mindsft.models.weights import assign_weights
     from mindsft.train.step import AdamWUpdate, TrainStep
 
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")
     threads = mindspore_threads()
-    model = LlamaForCausalLM(llama_config(args))
+    config = llama_config(args)
+    model = LlamaForCausalLM(config)
     with np.load(args.weights) as arrays:
-        assign_weights(model, {hf_to_ms_name(k): arrays[k] for k in arrays.files}, source=args.weights)
+        assign_weights(model, hf_to_ms_arrays({k: arrays[k] for k in arrays.files}, config), source=args.weights)
     input_ids, labels = batch(args)
     ids_t, labels_t = Tensor(input_ids), Tensor(labels)
     result = {"threads": threads}
@@ -185,9 +186,10 @@ def run_torch(args):
     import torch
     import transformers
 
+    from mindsft.models.families import hf_config_of
     threads = set_torch_threads(args.threads)
     config = llama_config(args)
-    hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_hf().items()
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in hf_config_of(config).items()
                                             if k not in ("architectures", "torch_dtype")})
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_config)
@@ -248,7 +250,7 @@ def main(argv=None):
         worker(args)
         return 0
     import numpy as np
-    from mindsft.sample import random_llama_arrays
+    from mindsft.demo_model import random_llama_arrays
 
     config = llama_config(args)
     passthrough = list(argv if argv is not None else sys.argv[1:])

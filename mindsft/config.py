@@ -7,7 +7,7 @@ file reads unchanged) and ignored; any other key is an error naming the nearest 
 """
 import copy
 import dataclasses
-import difflib
+import json
 import os
 import typing
 from typing import Any, Dict, List, Optional, Union
@@ -15,7 +15,11 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from mindsft.errors import ConfigError
-from mindsft.models.llama import LlamaConfig
+from mindsft.generation_config import GenerationConfig
+from mindsft.lora_config import LoraConfig
+from mindsft.models.config import SHAPE_KEYS, LlamaConfig
+from mindsft.models.families import family_of, family_of_arch, model_config_from_hf
+from mindsft.typed import build, coerce, nearest_hint, unwrap_optional
 
 RUN_MODES = ("train", "finetune", "eval", "predict")
 LR_SCHEDULES = ("CosineWithWarmUpLR", "LinearWithWarmUpLR", "ConstantWarmUpLR", "constant")
@@ -223,8 +227,10 @@ class RunConfig:
     callbacks: CallbacksConfig = dataclasses.field(default_factory=CallbacksConfig)
     context: ContextConfig = dataclasses.field(default_factory=ContextConfig)
     processor: ProcessorConfig = dataclasses.field(default_factory=ProcessorConfig)
+    # MindFormers 1.5+: a HuggingFace folder (config.json, tokenizer, weights) to start from.
+    pretrained_model_dir: Optional[str] = None
     # Predict settings: HuggingFace generation_config.json keys; used by mindsft.predict.
-    generation_config: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    generation_config: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     predict_data: Optional[Any] = None
     template: Optional[str] = None
     # LoRA: LLaMA-Factory spellings, passed through to mindsft.lora (MindFormers' is model_config.pet_config).
@@ -258,11 +264,10 @@ class RunConfig:
     filepath_prefix: str = "./autotune"
     autotune_per_step: int = 10
 
-    # Derived once by `load_run_config`, not YAML keys.
-    @property
-    def llama_config(self):
-        model_config = {k: v for k, v in self.model.model_config.items() if k != "pet_config"}
-        return LlamaConfig.from_mindformers(model_config)
+    # Built once by `build_run_config` from the sections above; not YAML keys.
+    model_config: Optional[LlamaConfig] = dataclasses.field(default=None, init=False)
+    lora: Optional[LoraConfig] = dataclasses.field(default=None, init=False)
+    no_effect: List[str] = dataclasses.field(default_factory=list, init=False)
 
     @property
     def pet_config(self):
@@ -280,91 +285,6 @@ class RunConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
-
-
-def nearest_hint(key, choices):
-    near = difflib.get_close_matches(str(key), [str(c) for c in choices], n=1, cutoff=0.5)
-    return f" (did you mean {near[0]!r}?)" if near else ""
-
-
-def unwrap_optional(tp):
-    """The non-None members of an Optional/Union type annotation."""
-    if typing.get_origin(tp) is Union:
-        return [a for a in typing.get_args(tp) if a is not type(None)]
-    return [tp]
-
-
-def coerce(value, tp, where):
-    """Convert a YAML or command-line value to the annotated type, or say which key is wrong."""
-    if value is None or tp is Any:
-        return value
-    members = unwrap_optional(tp)
-    if len(members) > 1:
-        # Union[dataclass, float] (scale_sense) or Union[bool, str] (resume_training).
-        for member in members:
-            if dataclasses.is_dataclass(member) and isinstance(value, dict):
-                return build(member, value, where)
-        for member in members:
-            try:
-                return coerce(value, member, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} is not a valid value")
-    tp = members[0]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return build(tp, value, where)
-    origin = typing.get_origin(tp)
-    if origin in (list, List):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return list(value)
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{where}: expected True or False, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if number != int(number):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(number)
-    if tp is float:
-        try:
-            return float(value)     # also "1e-5", which YAML 1.1 reads as a string
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def build(cls, mapping, where):
-    """Instantiate dataclass `cls` from a mapping; unknown keys name the nearest known key."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in mapping.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in fields:
-            raise ConfigError(f"unknown key {path!r}{nearest_hint(key, fields)}")
-        kwargs[key] = coerce(value, hints[key], path)
-    return cls(**kwargs)
 
 
 def fold_callbacks(callbacks):
@@ -434,9 +354,6 @@ def set_dotted(raw, dotted_key, value):
         node[leaf] = value
 
 
-RUN_CONFIG_SECTIONS = {f.name for f in dataclasses.fields(RunConfig)}
-
-
 def parse_override_value(text):
     """Command-line text → YAML scalar (True, 3, [a, b]); numbers like 1e-5 stay text for coerce."""
     if not isinstance(text, str):
@@ -447,13 +364,125 @@ def parse_override_value(text):
         return text
 
 
+# Keys a MindFormers YAML carries that change nothing in a mindsft run (they tune Ascend speed or
+# MindFormers' own tooling). They are accepted so a MindFormers file reads unchanged; a run that
+# sets one to a non-default value says so in one line (see no_effect_settings).
+NO_EFFECT_KEYS = (
+    "runner_config.sink_mode", "runner_config.sink_size", "runner_config.initial_epoch",
+    "train_dataset.num_parallel_workers", "train_dataset.python_multiprocessing", "train_dataset.numa_enable",
+    "train_dataset.prefetch_size", "train_dataset.batch_size", "train_dataset.repeat", "train_dataset.output_columns",
+    "eval_dataset.num_parallel_workers", "eval_dataset.python_multiprocessing", "eval_dataset.numa_enable",
+    "eval_dataset.prefetch_size", "eval_dataset.batch_size", "eval_dataset.repeat", "eval_dataset.output_columns",
+    "parallel_config.vocab_emb_dp", "parallel_config.gradient_aggregation_group", "parallel.gradients_mean",
+    "parallel.enable_alltoall", "parallel.full_batch", "parallel.search_mode", "parallel.strategy_ckpt_save_file",
+    "recompute_config.recompute", "recompute_config.select_recompute", "recompute_config.select_comm_recompute",
+    "callbacks.checkpoint.integrated_save", "callbacks.checkpoint.async_save",
+    "trainer", "train_dataset_task", "eval_dataset_task", "src_strategy_path_or_dir", "auto_trans_ckpt",
+    "only_save_strategy", "micro_batch_interleave_num", "metric", "eval_callbacks", "moe_config", "profile",
+    "profile_start_step", "profile_stop_step", "init_start_profile", "profile_communication", "profile_memory",
+    "layer_scale", "layer_decay", "lr_scale", "lr_scale_factor", "auto_tune", "filepath_prefix", "autotune_per_step",
+)
+
+
+def _set_to_non_default(config, dotted):
+    """Whether `config`'s value at `a.b.c` differs from that field's default (False when a
+    section on the way is absent)."""
+    *sections, leaf = dotted.split(".")
+    parent = config
+    for part in sections:
+        parent = getattr(parent, part, None)
+    if parent is None or not dataclasses.is_dataclass(parent):
+        return False
+    field = next(f for f in dataclasses.fields(parent) if f.name == leaf)
+    default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+    return getattr(parent, leaf) != default
+
+
+def no_effect_settings(config):
+    """The accepted-but-ignored keys this config sets to something other than their default."""
+    changed = [key for key in NO_EFFECT_KEYS if _set_to_non_default(config, key)]
+    ignored_model_keys = LlamaConfig.MINDFORMERS_IGNORED_KEYS - {"type"}
+    changed += [f"model.model_config.{key}" for key, value in config.model.model_config.items()
+                if key in ignored_model_keys and value not in (None, False)]
+    return changed
+
+
+def find_model_config(load_checkpoint):
+    """The config file that travels with a checkpoint (`X.ckpt` → `X.config.json`, see
+    convert.model_config_path), or a folder's `config.json`; None when there is none."""
+    from mindsft.convert.convert import model_config_path
+    if not load_checkpoint:
+        return None
+    path = os.fspath(load_checkpoint)
+    if os.path.isfile(path):
+        candidates = [model_config_path(path), os.path.join(os.path.dirname(path), "config.json")]
+    elif os.path.isdir(path):
+        named = sorted(n for n in os.listdir(path) if n.endswith(".config.json"))
+        candidates = [os.path.join(path, "config.json")] + ([os.path.join(path, named[0])] if len(named) == 1 else [])
+    else:
+        return None
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+def read_json_config(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not a readable JSON config ({exc})") from None
+
+
+def resolve_model_config(config):
+    """The model's LlamaConfig: the YAML's model_config over the config that travels with the
+    weights (pretrained_model_dir's config.json, or the one beside load_checkpoint). Without
+    either, the YAML must give the model's shape: a missing shape is refused, never defaulted."""
+    family = family_of_arch(config.model.arch.get("type", "LlamaForCausalLM"))
+    given = {k: v for k, v in config.model.model_config.items() if k != "pet_config"}
+    base_path = (os.path.join(config.pretrained_model_dir, "config.json") if config.pretrained_model_dir
+                 else find_model_config(config.load_checkpoint))
+    if config.pretrained_model_dir and not os.path.isfile(base_path):
+        raise ConfigError(f"pretrained_model_dir {config.pretrained_model_dir}: no config.json in it")
+    if base_path:
+        base = model_config_from_hf(read_json_config(base_path), base_path)
+        merged = {**dataclasses.asdict(base), **given}
+        if ("hidden_size" in given or "num_heads" in given) and "head_dim" not in given:
+            merged["head_dim"] = None   # derived in the base from what the YAML changes
+        return LlamaConfig.from_mindformers(merged, "model.model_config")
+    missing = [key for key in SHAPE_KEYS if given.get(key) is None]
+    if missing:
+        raise ConfigError(f"model.model_config gives no {', '.join(missing)}, and no model config travels with "
+                          f"load_checkpoint {config.load_checkpoint or '(none)'}: give them in the YAML, or start "
+                          "from a checkpoint written by tools/convert_weight.py (it writes X.config.json beside "
+                          "X.ckpt) or from pretrained_model_dir")
+    return LlamaConfig.from_mindformers({**given, "family": family.name}, "model.model_config")
+
+
+def resolve_lora(config):
+    """The LoRA settings, from MindFormers' pet_config or LLaMA-Factory's keys; None without LoRA."""
+    if not config.pet_config and config.finetuning_type != "lora":
+        return None
+    if config.finetuning_type not in ("full", "lora"):
+        raise ConfigError(f"finetuning_type {config.finetuning_type!r} is not one of full, lora")
+    if config.pet_config:
+        return LoraConfig.from_mindformers(config.pet_config)
+    return LoraConfig.from_llamafactory({k: getattr(config, k) for k in
+                                         ("lora_rank", "lora_alpha", "lora_dropout", "lora_target")
+                                         if getattr(config, k) is not None}, family_of(config.model_config))
+
+
 def build_run_config(raw):
-    """Typed RunConfig from a raw mapping (YAML contents with overrides applied), validated."""
+    """Typed RunConfig from a raw mapping (YAML contents with overrides applied), validated,
+    with its model, LoRA and generation parts built once."""
     raw = copy.deepcopy(raw or {})
     callbacks = fold_callbacks(raw.pop("callbacks", None)) if "callbacks" in raw else CallbacksConfig()
+    generation = GenerationConfig.from_mapping(raw.pop("generation_config", None) or {}, "generation_config")
     config = build(RunConfig, raw, "")
     config.callbacks = callbacks
+    config.generation_config = generation
     validate(config)
+    config.model_config = resolve_model_config(config)
+    config.lora = resolve_lora(config)
+    config.no_effect = no_effect_settings(config)
     return config
 
 
@@ -465,6 +494,8 @@ def validate(config):
         raise ConfigError(f"optimizer.type {config.optimizer.type!r} is not supported "
                           f"({', '.join(OPTIMIZERS)}){nearest_hint(config.optimizer.type, OPTIMIZERS)}")
     if config.optimizer.betas is not None:
+        if len(config.optimizer.betas) != 2:
+            raise ConfigError(f"optimizer.betas must be two numbers, got {config.optimizer.betas!r}")
         config.optimizer.beta1, config.optimizer.beta2 = (float(b) for b in config.optimizer.betas)
     if config.lr_schedule.type not in LR_SCHEDULES:
         raise ConfigError(f"lr_schedule.type {config.lr_schedule.type!r} is not one of {', '.join(LR_SCHEDULES)}"
@@ -479,9 +510,8 @@ def validate(config):
         if getattr(config, section).pad_to_multiple_of < 0:
             raise ConfigError(f"{section}.pad_to_multiple_of must be 0 (off) or a positive number of tokens, got "
                               f"{getattr(config, section).pad_to_multiple_of}")
-    if not config.model.model_config:
-        raise ConfigError("model.model_config is empty: the model's shape must be given")
-    config.llama_config  # noqa: B018 - raises ConfigError on a bad model_config now, not mid-run
+    if not isinstance(config.model.model_config, dict):
+        raise ConfigError("model.model_config must be a mapping of model settings")
 
 
 def load_yaml(path):

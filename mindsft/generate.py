@@ -5,117 +5,15 @@ Prompts of different lengths share one batch by left padding; each row computes 
 alone. Settings use HuggingFace's `generation_config.json` key names.
 """
 import dataclasses
-import difflib
-import json
 import time
-from typing import List, Optional, Sequence, Union
+from typing import List, Sequence
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
 from mindsft.errors import ConfigError
-
-# Keys HuggingFace writes into generation_config.json that do not change what is generated here.
-HF_IGNORED_KEYS = frozenset({
-    "transformers_version", "_from_model_config", "output_scores", "output_logits",
-    "return_dict_in_generate", "output_attentions", "output_hidden_states", "num_return_sequences",
-    "cache_implementation", "decoder_start_token_id", "low_memory", "renormalize_logits",
-})
-# MindFormers' model_config spelling of the same settings.
-MINDFORMERS_RENAMES = {"max_decode_length": "max_length"}
-
-
-@dataclasses.dataclass
-class GenerationConfig:
-    """What to generate; field names are those of HuggingFace's `generation_config.json`."""
-    max_new_tokens: Optional[int] = None
-    max_length: Optional[int] = None
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    eos_token_id: Optional[Union[int, List[int]]] = None
-    pad_token_id: Optional[int] = None
-    bos_token_id: Optional[int] = None
-    # Not in HuggingFace: extra ids that end a reply (e.g. a template's turn separator), and the
-    # seed of the sampler so that a sampled run can be repeated.
-    stop_token_ids: List[int] = dataclasses.field(default_factory=list)
-    seed: Optional[int] = None
-    num_beams: int = 1
-    use_cache: bool = True
-
-    DEFAULT_MAX_NEW_TOKENS = 128
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self):
-        if self.num_beams != 1:
-            raise ConfigError(f"generation_config: num_beams {self.num_beams}: beam search is not "
-                              "supported (use num_beams 1, greedy or sampling)")
-        if self.max_new_tokens is not None and int(self.max_new_tokens) < 1:
-            raise ConfigError(f"generation_config: max_new_tokens {self.max_new_tokens} must be >= 1")
-        if self.do_sample and not float(self.temperature) > 0:
-            raise ConfigError(f"generation_config: temperature {self.temperature} must be > 0 when sampling")
-        if not 0 < float(self.top_p) <= 1:
-            raise ConfigError(f"generation_config: top_p {self.top_p} must be in (0, 1]")
-        if int(self.top_k) < 0:
-            raise ConfigError(f"generation_config: top_k {self.top_k} must be >= 0 (0 = off)")
-        if not float(self.repetition_penalty) > 0:
-            raise ConfigError(f"generation_config: repetition_penalty {self.repetition_penalty} must be > 0")
-
-    @classmethod
-    def from_mapping(cls, mapping, source="generation_config"):
-        """Build from a mapping (YAML `generation_config` section or HF file). Unknown keys are errors."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in dict(mapping or {}).items():
-            key = MINDFORMERS_RENAMES.get(key, key)
-            if key in known:
-                kwargs[key] = value
-            elif key not in HF_IGNORED_KEYS:
-                near = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise ConfigError(f"{source}: unknown key {key!r}{hint}")
-        if isinstance(kwargs.get("stop_token_ids"), int):
-            kwargs["stop_token_ids"] = [kwargs["stop_token_ids"]]
-        return cls(**kwargs)
-
-    @classmethod
-    def from_json_file(cls, path):
-        """Read a HuggingFace `generation_config.json`."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                mapping = json.load(f)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{path}: cannot read generation config ({err})") from None
-        return cls.from_mapping(mapping, source=str(path))
-
-    def updated(self, **overrides):
-        """A copy with the given fields replaced (None values leave a field as it is)."""
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
-
-    def stop_ids(self, model_config=None):
-        """Every id that ends a row: eos_token_id (one or a list) and stop_token_ids."""
-        eos = self.eos_token_id
-        if eos is None and model_config is not None:
-            eos = model_config.eos_token_id
-        ids = set() if eos is None else set(eos if isinstance(eos, (list, tuple)) else [eos])
-        return ids | set(int(i) for i in self.stop_token_ids)
-
-    def new_token_budget(self, longest_prompt):
-        if self.max_new_tokens is not None:
-            return int(self.max_new_tokens)
-        if self.max_length is not None:
-            budget = int(self.max_length) - longest_prompt
-            if budget < 1:
-                raise ConfigError(f"generation_config: max_length {self.max_length} leaves no room after "
-                                  f"a prompt of {longest_prompt} tokens (set max_new_tokens)")
-            return budget
-        return self.DEFAULT_MAX_NEW_TOKENS
-
+from mindsft.generation_config import GenerationConfig  # noqa: F401 - what generate() takes
 
 @dataclasses.dataclass
 class GenerationOutput:

@@ -15,11 +15,10 @@ import time
 from typing import List, Optional
 
 import numpy as np
-from mindspore import Tensor
 from tqdm import tqdm
 
 from mindsft.data.conversations import normalize_record, read_json_records
-from mindsft.data.schema import IGNORE_INDEX
+from mindsft.data.schema import IGNORE_INDEX, recorded_template
 from mindsft.errors import DataError
 from mindsft.files import atomic_output
 from mindsft.generate import GenerationConfig, Generator
@@ -89,24 +88,24 @@ def read_prompt_records(path):
 def teacher_forced_loss(model, tokenizer, template, records, batch_size=8):
     """(summed cross-entropy, learned-token count) of the labels given their prompts: the
     training loss of these conversations, on the tokens the model would learn."""
+    from mindsft.train.evaluate import loss_terms_over
     examples = []
     for record in records:
         conversation = record.messages + [{"role": "assistant", "content": record.label}]
         ids, learned = encode_segments(tokenizer, template.segments(conversation))
         examples.append((ids, [t if keep else IGNORE_INDEX for t, keep in zip(ids, learned)]))
     examples.sort(key=lambda e: len(e[0]))
-    loss_sum, count = 0.0, 0.0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        length = max(len(ids) for ids, _ in chunk)
-        input_ids = np.full((len(chunk), length), tokenizer.pad_id, np.int32)
-        labels = np.full((len(chunk), length), IGNORE_INDEX, np.int32)
-        for row, (ids, row_labels) in enumerate(chunk):
-            input_ids[row, :len(ids)], labels[row, :len(ids)] = ids, row_labels
-        chunk_sum, chunk_count = model.loss_terms(Tensor(input_ids), Tensor(labels))
-        loss_sum += float(chunk_sum.asnumpy())
-        count += float(chunk_count.asnumpy())
-    return loss_sum, count
+
+    def batches():
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            length = max(len(ids) for ids, _ in chunk)
+            input_ids = np.full((len(chunk), length), tokenizer.pad_id, np.int32)
+            labels = np.full((len(chunk), length), IGNORE_INDEX, np.int32)
+            for row, (ids, row_labels) in enumerate(chunk):
+                input_ids[row, :len(ids)], labels[row, :len(ids)] = ids, row_labels
+            yield {"input_ids": input_ids, "labels": labels}
+    return loss_terms_over(model, batches())
 
 
 class StreamPrinter:
@@ -250,12 +249,9 @@ def resolve_template(config):
                 if template:
                     return template, summary_path
             folder = os.path.dirname(folder)
-    dataset_dir = config.train_dataset.data_loader.dataset_dir
-    if dataset_dir:
-        from mindsft.data.schema import dataset_manifest
-        template = (dataset_manifest(dataset_dir) or {}).get("template")
-        if template:
-            return template, dataset_dir
+    template, source = recorded_template(config.train_dataset.data_loader.dataset_dir)
+    if template:
+        return template, source
     return DEFAULT_TEMPLATE, "default"
 
 
@@ -264,15 +260,16 @@ def run(config):
     `predict_data` in the training template, write the outputs to `output_dir`."""
     from mindsft.errors import ConfigError
     from mindsft.tokenizer import LlamaTokenizer
-    from mindsft.train import checkpoint as ckpt
     import mindspore as ms
-    from mindsft.train.recipe import build_model, load_weights
+    from mindsft.models.build import build_model, load_start_weights
 
     if config.predict_data is None:
         raise ConfigError("run_mode predict needs --predict_data (a prompt, a .txt or a .json/.jsonl file)")
-    if not config.load_checkpoint:
+    if not (config.load_checkpoint or config.pretrained_model_dir):
         raise ConfigError("run_mode predict needs --load_checkpoint (the trained or converted .ckpt)")
     tokenizer_file = config.processor.tokenizer.vocab_file
+    if not tokenizer_file and config.pretrained_model_dir:
+        tokenizer_file = os.path.join(config.pretrained_model_dir, "tokenizer.model")
     if not tokenizer_file:
         raise ConfigError("run_mode predict needs the tokenizer: set processor.tokenizer.vocab_file "
                           "(--processor.tokenizer.vocab_file PATH/tokenizer.model)")
@@ -284,7 +281,7 @@ def run(config):
         ms.set_device(config.context.device_target)
     ms.set_seed(config.seed)
     model = build_model(config)
-    load_weights(model, ckpt.find_weights_file(config.load_checkpoint))
+    load_start_weights(model, config)
     result = run_predict(model, tokenizer, config.predict_data, config.generation_config, template_name,
                          output_dir=config.output_dir)
     metrics = result["metrics"]

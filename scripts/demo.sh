@@ -17,7 +17,7 @@ mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 
 echo "== 1. a tiny random Llama in HuggingFace format (with a tokenizer trained on the sample)"
-python -c "from mindsft.sample import write_tiny_hf_llama; write_tiny_hf_llama('$WORK/tiny-llama-hf')"
+python -c "from mindsft.demo_model import write_tiny_hf_llama; write_tiny_hf_llama('$WORK/tiny-llama-hf')"
 
 echo "== 2. HuggingFace → MindSpore checkpoint"
 python tools/convert_weight.py --model llama --input_path "$WORK/tiny-llama-hf" --output_path "$WORK/tiny-llama.ckpt"
@@ -39,10 +39,9 @@ bash scripts/msrun_launcher.sh "run_mindformer.py --config configs/llama2/finetu
     2 8118 "$WORK/msrun_log" True 600
 tail -n 4 "$WORK/msrun_log/worker_0.log"
 
-echo "== 6. fine-tuned weights → HuggingFace folder"
+echo "== 6. fine-tuned weights → HuggingFace folder (the model's config travels beside the checkpoint)"
 python tools/convert_weight.py --reversed --input_path "$WORK/output/checkpoint/llama_tiny_final.ckpt" \
-    --output_path "$WORK/tiny-llama-finetuned-hf" --hf_config "$WORK/tiny-llama-hf/config.json" \
-    --tokenizer_dir "$WORK/tiny-llama-hf"
+    --output_path "$WORK/tiny-llama-finetuned-hf" --tokenizer_dir "$WORK/tiny-llama-hf"
 
 echo "== 7. ask the fine-tuned model (in the template its training data used), then score it on the sample"
 PREDICT="python run_mindformer.py --config configs/llama2/finetune_llama_tiny_cpu.yaml --run_mode predict

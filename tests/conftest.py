@@ -19,7 +19,7 @@ def shared_file(relative):
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """A random tiny Llama (GQA, 2 layers) in HuggingFace format with a trained tokenizer."""
-    from mindsft.sample import write_tiny_hf_llama
+    from mindsft.demo_model import write_tiny_hf_llama
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama-hf"
     write_tiny_hf_llama(path)
     return path

@@ -3,9 +3,9 @@ import numpy as np
 import torch
 import transformers
 
-from mindsft.convert.names import hf_to_ms_name
-from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
-from mindsft.models.weights import assign_weights
+from mindsft.models.families import hf_to_ms_arrays, model_config_from_hf
+from mindsft.models.llama import LlamaForCausalLM
+from mindsft.models.build import assign_weights
 
 
 def random_hf_llama(seed=0, **config):
@@ -25,9 +25,9 @@ def random_hf_llama(seed=0, **config):
 
 def mindsft_twin(hf_model):
     """Our LlamaForCausalLM holding exactly the weights of `hf_model`."""
-    config = LlamaConfig.from_hf(hf_model.config.to_dict())
+    config = model_config_from_hf(hf_model.config.to_dict())
     model = LlamaForCausalLM(config)
-    arrays = {hf_to_ms_name(k): v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    arrays = hf_to_ms_arrays({k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}, config)
     if config.tie_word_embeddings:
         arrays.pop("lm_head.weight", None)
     assign_weights(model, arrays, source="transformers state_dict")

@@ -21,9 +21,9 @@ def test_shipped_configs_parse_into_typed_objects():
     for name in ("finetune_llama_tiny_cpu", "finetune_llama2_7b", "pretrain_llama2_7b", "finetune_llama2_13b"):
         config = load_run_config(ROOT / "configs" / "llama2" / f"{name}.yaml")
         assert isinstance(config.optimizer.learning_rate, float)
-        assert config.llama_config.num_layers >= 2
+        assert config.model_config.num_layers >= 2
     big = load_run_config(ROOT / "configs" / "llama2" / "finetune_llama2_7b.yaml")
-    assert (big.llama_config.hidden_size, big.llama_config.intermediate_size) == (4096, 11008)
+    assert (big.model_config.hidden_size, big.model_config.intermediate_size) == (4096, 11008)
     assert big.callbacks.checkpoint.prefix == "llama2_7b" and big.parallel_config.data_parallel == 8
     assert big.runner_wrapper.scale_sense.loss_scale_value == 65536
 
@@ -52,7 +52,7 @@ def test_dotted_overrides_set_typed_values():
                                          "model.model_config.num_layers": "3"})
     assert config.optimizer.learning_rate == 1e-5 and config.runner_config.epochs == 7
     assert config.use_parallel is True and config.callbacks.checkpoint.save_checkpoint_steps == 3
-    assert config.llama_config.num_layers == 3
+    assert config.model_config.num_layers == 3
 
 
 def test_override_of_a_missing_intermediate_key_is_an_error():
@@ -95,7 +95,7 @@ def test_lr_schedules_follow_mindformers_formulas():
 
 
 def test_context_keys_of_the_yaml_reach_mindspore():
-    from mindsft.train.recipe import mindspore_context_settings
+    from mindsft.train.context import mindspore_context_settings
     ascend = load_run_config(ROOT / "configs/llama2/finetune_llama2_7b.yaml")
     assert mindspore_context_settings(ascend.context) == {
         "max_device_memory": "58GB", "jit_config": {"jit_level": "O1"}, "memory_optimize_level": "O0"}

@@ -12,9 +12,11 @@ import yaml
 import mindspore as ms
 from safetensors.torch import load_file as load_safetensors_torch
 
-from mindsft.convert import hf_to_ms, ms_to_hf, llama_config_from_yaml
-from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
-from mindsft.models.weights import assign_weights
+from mindsft.config import load_run_config
+from mindsft.convert import hf_to_ms, ms_to_hf
+from mindsft.models.families import model_config_from_hf
+from mindsft.models.llama import LlamaForCausalLM
+from mindsft.models.build import assign_weights
 from tests.conftest import shared_file
 from tests.llama_reference import mindsft_twin, random_batch, random_hf_llama
 
@@ -67,7 +69,7 @@ def save_hf(model, folder, fmt):
 
 def our_logits(ckpt_path, hf_config, input_ids):
     """Logits of our model loaded with mindspore.load_checkpoint from `ckpt_path`."""
-    model = LlamaForCausalLM(LlamaConfig.from_hf(hf_config))
+    model = LlamaForCausalLM(model_config_from_hf(hf_config))
     params = ms.load_checkpoint(str(ckpt_path))
     assign_weights(model, {name: p.asnumpy() for name, p in params.items()}, source=str(ckpt_path))
     return model(ms.Tensor(input_ids)).asnumpy()
@@ -101,7 +103,7 @@ def test_round_trip_is_bit_identical_and_transformers_loads_it(dtype, hf_model, 
     source = random_hf_llama(seed=5, **GQA).to(dtype)
     source.save_pretrained(tmp_path / "hf")
     hf_to_ms(tmp_path / "hf", tmp_path / "model.ckpt", progress=False)
-    summary = ms_to_hf(tmp_path / "model.ckpt", tmp_path / "back", LlamaConfig.from_hf(source.config.to_dict()),
+    summary = ms_to_hf(tmp_path / "model.ckpt", tmp_path / "back", model_config_from_hf(source.config.to_dict()),
                        max_shard_size="30KB", progress=False)
     assert summary["shards"] > 1 and os.path.isfile(tmp_path / "back" / "model.safetensors.index.json")
 
@@ -156,7 +158,7 @@ def training_checkpoint(hf_model, path):
 
 def test_mindspore_training_checkpoint_converts_in_reverse(hf_model, hf_logits, tmp_path):
     training_checkpoint(hf_model, tmp_path / "train.ckpt")
-    config = LlamaConfig.from_hf(hf_model.config.to_dict())
+    config = model_config_from_hf(hf_model.config.to_dict())
     summary = ms_to_hf(tmp_path / "train.ckpt", tmp_path / "hf", config, progress=False)
     num_params = len(list(hf_model.parameters()))
     assert summary["skipped"] == {"adam_m": num_params, "adam_v": num_params, "global_step": 1,
@@ -177,7 +179,7 @@ def test_reverse_reads_model_config_from_a_mindformers_yaml(hf_model, tmp_path):
         "compute_dtype": "bfloat16", "use_flash_attention": True}}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
     training_checkpoint(hf_model, tmp_path / "train.ckpt")
-    config = llama_config_from_yaml(str(tmp_path / "run.yaml"))
+    config = load_run_config(str(tmp_path / "run.yaml")).model_config
     ms_to_hf(tmp_path / "train.ckpt", tmp_path / "hf", config, progress=False)
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (written["num_key_value_heads"], written["intermediate_size"]) == (2, c.intermediate_size)
@@ -186,7 +188,7 @@ def test_reverse_reads_model_config_from_a_mindformers_yaml(hf_model, tmp_path):
 
 def test_tokenizer_files_are_copied(tiny_hf_dir, tmp_path):
     hf_to_ms(tiny_hf_dir, tmp_path / "m.ckpt", progress=False)
-    config = LlamaConfig.from_hf(json.loads((tiny_hf_dir / "config.json").read_text()))
+    config = model_config_from_hf(json.loads((tiny_hf_dir / "config.json").read_text()))
     ms_to_hf(tmp_path / "m.ckpt", tmp_path / "hf", config, tokenizer_dir=tiny_hf_dir, progress=False)
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (tiny_hf_dir / "tokenizer.model").read_bytes()
     assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == 2

@@ -11,7 +11,7 @@ import torch
 from mindsft.convert import hf_to_ms, ms_to_hf
 from mindsft.convert.safetensors_format import read_safetensors, write_safetensors
 from mindsft.errors import ConvertError
-from mindsft.models.llama import LlamaConfig
+from mindsft.models.families import model_config_from_hf
 
 
 @pytest.fixture()
@@ -153,7 +153,7 @@ def test_missing_shard_is_named(tiny_hf_dir, tmp_path):
 @pytest.fixture()
 def ckpt_and_config(tiny_hf_dir, tmp_path):
     hf_to_ms(tiny_hf_dir, tmp_path / "m.ckpt", progress=False)
-    config = LlamaConfig.from_hf(json.loads((tiny_hf_dir / "config.json").read_text()))
+    config = model_config_from_hf(json.loads((tiny_hf_dir / "config.json").read_text()))
     return tmp_path / "m.ckpt", config
 
 

@@ -15,8 +15,8 @@ from mindspore.train.checkpoint_pb2 import Checkpoint
 from mindsft.convert import dtypes
 from mindsft.convert.ckpt_format import CkptWriter, read_ckpt
 from mindsft.convert.safetensors_format import write_safetensors
-from mindsft.convert.shapes import llama_dims_from_hf, weight_shapes
-from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
+from mindsft.models.families import family_of_hf_config, model_config_from_hf
+from mindsft.models.llama import LlamaForCausalLM
 from tests.conftest import ROOT
 
 
@@ -89,10 +89,10 @@ def test_expected_shapes_are_the_model_parameters(tie):
     hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 50, "hidden_size": 24,
                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
                  "intermediate_size": 40, "tie_word_embeddings": tie}
-    config = LlamaConfig.from_hf(hf_config)
+    config = model_config_from_hf(hf_config)
     model_shapes = {p.name: tuple(p.shape) for p in LlamaForCausalLM(config).get_parameters()}
-    assert weight_shapes(config) == model_shapes
-    assert weight_shapes(llama_dims_from_hf(hf_config)) == model_shapes
+    # The family's shape table, which the converter checks files against without importing MindSpore.
+    assert family_of_hf_config(hf_config).weight_shapes(config) == model_shapes
 
 
 def load_cli():
@@ -132,11 +132,12 @@ def test_peak_memory_stays_below_one_tensor(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config))
     rng = np.random.default_rng(0)
     entries = []
-    for name, shape in weight_shapes(llama_dims_from_hf(hf_config)).items():
-        from mindsft.convert.names import ms_to_hf_name
+    config = model_config_from_hf(hf_config)
+    for entry in family_of_hf_config(hf_config).weight_entries(config):
+        name, shape = entry.hf_name, entry.hf_shape
         rows = [rng.standard_normal((min(4096, shape[0] - i),) + shape[1:]).astype(np.float32).reshape(-1)
                 for i in range(0, shape[0], 4096)]
-        entries.append((ms_to_hf_name(name), "float32", shape, rows))
+        entries.append((name, "float32", shape, rows))
     write_safetensors(tmp_path / "hf" / "model.safetensors", entries)
     largest = vocab * hidden * 4
     script = ("import json, sys; from mindsft.convert import hf_to_ms; "

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 from mindsft.data.alpaca import convert_alpaca
 from mindsft.errors import DataError
-from mindsft.sample import SAMPLE_ALPACA
+from mindsft.demo_model import SAMPLE_ALPACA
 from mindsft.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
 
 

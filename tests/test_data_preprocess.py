@@ -12,7 +12,7 @@ from mindsft.data.alpaca import convert_alpaca
 from mindsft.data.mindrecord import read_mindrecord, write_mindrecord
 from mindsft.data.preprocess import PreprocessOptions, clean_wikitext, preprocess, stats_path
 from mindsft.errors import DataError
-from mindsft.sample import SAMPLE_ALPACA, sample_texts, train_tokenizer
+from mindsft.demo_model import SAMPLE_ALPACA, sample_texts, train_tokenizer
 from mindsft.tokenizer import LlamaTokenizer
 
 IGNORE = -100

@@ -9,9 +9,9 @@ import transformers
 
 from conftest import shared_file
 from llama_reference import mindsft_twin, random_batch, random_hf_llama
-from mindsft.convert.names import hf_to_ms_name
-from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
-from mindsft.models.weights import assign_weights
+from mindsft.models.families import hf_to_ms_arrays, model_config_from_hf
+from mindsft.models.llama import LlamaForCausalLM
+from mindsft.models.build import assign_weights
 
 CONFIGS = {
     "multi_head": {},
@@ -80,7 +80,7 @@ def test_gradients_equal_transformers(name):
     input_ids, labels = random_batch(hf.config.vocab_size)
     hf.zero_grad()
     hf(torch.from_numpy(input_ids).long(), labels=torch.from_numpy(labels).long()).loss.backward()
-    expected = {hf_to_ms_name(n): p.grad.numpy() for n, p in hf.named_parameters()}
+    expected = hf_to_ms_arrays({n: p.grad.numpy() for n, p in hf.named_parameters()}, ours.config)
     params = ours.trainable_params()
     grads = ms.grad(lambda ids, lab: ours(ids, lab), grad_position=None, weights=params)(
         ms.Tensor(input_ids), ms.Tensor(labels))
@@ -106,9 +106,9 @@ def test_shared_tiny_random_llama_2_equals_transformers():
     model_dir = shared_file("models/tiny-random-llama-2-hf")
     from safetensors.numpy import load_file
     hf = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    config = LlamaConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+    config = model_config_from_hf(json.loads((model_dir / "config.json").read_text()))
     ours = LlamaForCausalLM(config)
-    arrays = {hf_to_ms_name(k): v for k, v in load_file(model_dir / "model.safetensors").items()}
+    arrays = hf_to_ms_arrays(load_file(model_dir / "model.safetensors"), config)
     assign_weights(ours, arrays, source=str(model_dir))
     input_ids = np.array([[1, 15043, 3186, 29991, 13, 450, 4996]], np.int32)
     with torch.no_grad():

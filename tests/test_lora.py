@@ -12,11 +12,11 @@ import transformers
 
 from llama_reference import mindsft_twin, random_batch, random_hf_llama
 from mindsft.errors import ConfigError, ConvertError
+from mindsft.convert.peft import read_base_weights, read_peft_adapter
 from mindsft.lora import (LORA_A, LORA_B, LoraConfig, adapter_state, apply_lora, load_adapter_state,
-                          load_peft_adapter, lora_modules, merge_lora, parameter_report, read_base_weights,
-                          read_peft_adapter, save_peft_adapter)
+                          load_peft_adapter, lora_modules, merge_lora, parameter_report, save_peft_adapter)
 from mindsft.models.llama import LlamaForCausalLM
-from mindsft.models.weights import assign_weights
+from mindsft.models.build import assign_weights
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -199,10 +199,10 @@ def test_one_step_adapter_gradients_equal_peft(case, tmp_path):
     grads = ms.grad(lambda ids, lab: ours(ids, lab), grad_position=None, weights=params)(
         ms.Tensor(input_ids), ms.Tensor(labels))
     assert len(grads) == len(expected)
-    from mindsft.lora import ms_to_hf_module
+    from mindsft.convert.peft import hf_module_of
     for param, grad in zip(params, grads):
         module, ab = param.name.rsplit(".", 1)
-        want = expected[(ms_to_hf_module(module), ab)]
+        want = expected[(hf_module_of(module), ab)]
         relative = np.abs(grad.asnumpy() - want).max() / (np.abs(want).max() + 1e-12)
         assert relative <= 1e-4, f"{param.name}: relative difference {relative:.2e}"
 
@@ -272,9 +272,9 @@ def test_merge_tool_refuses_an_adapter_checkpoint_without_its_scaling_and_writes
 
 
 def test_merge_of_an_adapter_on_a_layer_the_base_lacks_names_it_and_writes_nothing(tmp_path):
-    from mindsft.lora import merge_lora_files, save_ms_checkpoint
+    from mindsft.convert.peft import merge_lora_files, write_ckpt
     small = mindsft_twin(random_hf_llama(num_hidden_layers=1))
-    save_ms_checkpoint({p.name: p.asnumpy() for p in small.get_parameters()}, str(tmp_path / "base.ckpt"))
+    write_ckpt({p.name: p.asnumpy() for p in small.get_parameters()}, str(tmp_path / "base.ckpt"))
     deep = mindsft_twin(random_hf_llama(num_hidden_layers=2))
     apply_lora(deep, LoraConfig(rank=2))
     save_peft_adapter(deep, tmp_path / "adapter")

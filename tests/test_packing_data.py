@@ -10,7 +10,7 @@ from mindsft.data.mindrecord import read_mindrecord
 from mindsft.data.packing import first_fit_decreasing, pack_row, pack_samples, sample_ids
 from mindsft.data.preprocess import PreprocessOptions, preprocess, stats_path
 from mindsft.errors import ConfigError, DataError
-from mindsft.sample import SAMPLE_ALPACA, sample_texts, train_tokenizer
+from mindsft.demo_model import SAMPLE_ALPACA, sample_texts, train_tokenizer
 from tools.llama_preprocess import main as preprocess_main
 
 IGNORE = -100

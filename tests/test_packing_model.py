@@ -9,7 +9,7 @@ import torch
 from mindspore import Tensor, nn, ops
 
 from llama_reference import mindsft_twin, random_hf_llama
-from mindsft.convert.names import hf_to_ms_name
+from mindsft.models.families import hf_to_ms_arrays, model_config_from_hf
 from mindsft.data.packing import pack_row
 from mindsft.models import cpu_kernels
 
@@ -67,8 +67,13 @@ def hf_alone(hf, samples):
         per_token = torch.nn.functional.cross_entropy(logits[:-1], targets, ignore_index=IGNORE, reduction="none")
         per_token.sum().backward()
         losses.append(np.where(labels[1:] == IGNORE, np.nan, per_token.detach().numpy()))
-    grads = {hf_to_ms_name(n): p.grad.numpy().copy() for n, p in hf.named_parameters()}
-    return losses, grads
+    return losses, ms_named_grads(hf)
+
+
+def ms_named_grads(hf):
+    """transformers' parameter gradients under mindsft's parameter names."""
+    grads = {n: p.grad.numpy().copy() for n, p in hf.named_parameters()}
+    return hf_to_ms_arrays(grads, model_config_from_hf(hf.config.to_dict()))
 
 
 def split_losses(per_row, ends_rows, rows):
@@ -166,7 +171,7 @@ def test_transformers_with_restarting_positions_and_block_mask_gives_each_sample
     per_token.sum().backward()
     per_row = np.where(shifted.numpy() == IGNORE, np.nan, per_token.detach().numpy())
     assert_same_losses(split_losses(per_row, ends, rows), expected_losses)
-    assert_same_gradients({hf_to_ms_name(n): p.grad.numpy() for n, p in hf.named_parameters()}, expected_grads)
+    assert_same_gradients(ms_named_grads(hf), expected_grads)
 
 
 class MaskedReference(nn.Cell):

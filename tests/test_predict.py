@@ -13,10 +13,11 @@ import transformers
 from mindsft.convert.convert import hf_to_ms
 from mindsft.errors import DataError
 from mindsft.metrics import similarity_scores
-from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
-from mindsft.models.weights import assign_weights
+from mindsft.models.families import model_config_from_hf
+from mindsft.models.llama import LlamaForCausalLM
+from mindsft.models.build import assign_weights
 from mindsft.predict import PREDICTIONS_FILE, RESULTS_FILE, run_predict
-from mindsft.sample import SAMPLE_ALPACA, write_tiny_hf_llama
+from mindsft.demo_model import SAMPLE_ALPACA, write_tiny_hf_llama
 from mindsft.templates import get_template
 from mindsft.tokenizer import LlamaTokenizer
 
@@ -33,7 +34,7 @@ def converted(tmp_path_factory):
     ckpt = root / "model.ckpt"
     hf_to_ms(str(hf_dir), str(ckpt), progress=False)
     with open(hf_dir / "config.json") as f:
-        model = LlamaForCausalLM(LlamaConfig.from_hf(json.load(f)))
+        model = LlamaForCausalLM(model_config_from_hf(json.load(f)))
     arrays = {name: p.asnumpy() for name, p in ms.load_checkpoint(str(ckpt)).items()}
     assign_weights(model, arrays, source=str(ckpt))
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

@@ -9,7 +9,7 @@ import transformers
 
 import run_mindformer
 from mindsft.convert.convert import hf_to_ms
-from mindsft.sample import write_tiny_hf_llama
+from mindsft.demo_model import write_tiny_hf_llama
 from mindsft.templates import get_template
 from mindsft.tokenizer import LlamaTokenizer
 

@@ -4,9 +4,9 @@ import json
 import pytest
 
 from conftest import shared_file
-from mindsft.data.conversations import load_conversations
+from mindsft.data.conversations import normalize_record, read_json_records
 from mindsft.errors import ConfigError, DataError
-from mindsft.sample import SAMPLE_ALPACA
+from mindsft.demo_model import SAMPLE_ALPACA
 from mindsft.templates import TEMPLATES, alpaca_prompt, get_template
 
 pytest.importorskip("fastchat.conversation")
@@ -24,6 +24,10 @@ def fastchat_text(name, messages, system=None, generation_prompt=False):
     if generation_prompt:
         conv.append_message(conv.roles[1], None)
     return conv.get_prompt()
+
+
+def load_conversations(path):
+    return [normalize_record(record) for record in read_json_records(path)]
 
 
 def sharegpt_conversations():

@@ -51,10 +51,10 @@ def write_start_checkpoint(path, seed=0, **model):
     """A random tiny Llama saved as a MindSpore .ckpt (the start of a fine-tuning run)."""
     import mindspore as ms
     from mindsft.models.llama import LlamaConfig
-    from mindsft.sample import random_llama_arrays
-    from mindsft.convert.names import hf_to_ms_name
+    from mindsft.demo_model import random_llama_arrays
+    from mindsft.models.families import hf_to_ms_arrays
     config = LlamaConfig(**{**TINY_MODEL, **model})
-    arrays = {hf_to_ms_name(k): v for k, v in random_llama_arrays(config, seed).items()}
+    arrays = hf_to_ms_arrays(random_llama_arrays(config, seed), config)
     ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], str(path))
     return path
 

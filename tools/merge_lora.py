@@ -5,11 +5,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
-
+from mindsft.config import load_run_config  # noqa: E402
+from mindsft.convert.peft import merge_lora_files  # noqa: E402
 from mindsft.errors import MindsftError  # noqa: E402
-from mindsft.lora import LoraConfig, merge_lora_files  # noqa: E402
-from mindsft.models.llama import LlamaConfig  # noqa: E402
+from mindsft.lora_config import LoraConfig  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -22,8 +21,8 @@ def parse_args(argv=None):
     parser.add_argument("--adapter", required=True, help="PEFT adapter folder or adapter .ckpt")
     parser.add_argument("--output", help="merged MindSpore checkpoint to write (.ckpt)")
     parser.add_argument("--hf_output", help="merged HuggingFace folder to write (loads in transformers)")
-    parser.add_argument("--config", help="the run's YAML: model.model_config (for --hf_output from a .ckpt "
-                                         "base) and its pet_config (for an adapter .ckpt)")
+    parser.add_argument("--config", help="the run's YAML: its LoRA settings (for an adapter .ckpt) and any model "
+                                         "setting the base's own config (X.config.json beside X.ckpt) lacks")
     parser.add_argument("--lora_rank", type=int, help="rank of an adapter .ckpt (instead of --config)")
     parser.add_argument("--lora_alpha", type=float, help="alpha of an adapter .ckpt (instead of --config)")
     args = parser.parse_args(argv)
@@ -37,12 +36,9 @@ def main(argv=None):
     lora_config = model_config = None
     try:
         if args.config:
-            with open(args.config, encoding="utf-8") as f:
-                model_section = ((yaml.safe_load(f) or {}).get("model") or {}).get("model_config") or {}
-            model_keys = {k: v for k, v in model_section.items() if k != "pet_config"}
-            model_config = LlamaConfig.from_mindformers(model_keys) if model_keys else None
-            if model_section.get("pet_config"):
-                lora_config = LoraConfig.from_mindformers(model_section["pet_config"])
+            # The base's own config (beside a converted .ckpt, or an HF folder's) fills what the YAML leaves out.
+            run_config = load_run_config(args.config, {"load_checkpoint": args.base})
+            model_config, lora_config = run_config.model_config, run_config.lora
         if args.lora_rank is not None or args.lora_alpha is not None:
             if args.lora_rank is None or args.lora_alpha is None:
                 raise MindsftError("give both --lora_rank and --lora_alpha")

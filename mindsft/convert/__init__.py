@@ -1,3 +1,3 @@
-"""HuggingFace ⇄ MindSpore checkpoint conversion (streaming) and the weight-name table."""
-from mindsft.convert.convert import (format_summary, hf_to_ms, llama_config_from_hf_json,  # noqa: F401
-                                     llama_config_from_yaml, ms_to_hf)
+"""Streaming HuggingFace ⇄ MindSpore weight conversion (see convert.py)."""
+from mindsft.convert.convert import (format_summary, hf_to_ms, model_config_path, ms_to_hf,  # noqa: F401
+                                     read_model_config, write_model_config)

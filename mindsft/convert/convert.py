@@ -6,6 +6,7 @@ with MindFormers' names. `ms_to_hf`: a `.ckpt` (ours, MindFormers', or a trainin
 whose optimizer state is skipped) → a HuggingFace folder that transformers loads.
 """
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -16,11 +17,12 @@ import time
 from mindsft.convert import dtypes
 from mindsft.convert.ckpt_format import CkptWriter, read_ckpt
 from mindsft.convert.hf_reader import find_weights, open_hf_weights, read_hf_config
-from mindsft.convert.names import HF_IGNORED, hf_to_ms_name, ms_to_hf_name
 from mindsft.convert.safetensors_format import write_safetensors
-from mindsft.convert.shapes import llama_dims_from_hf, weight_shapes
+from mindsft.convert.stored import split_stored, stacked
 from mindsft.errors import ConfigError, ConvertError
 from mindsft.files import atomic_output
+from mindsft.models.families import config_from_hf, family_of
+from mindsft.models.families.base import check_weights
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
@@ -31,52 +33,61 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def hf_to_ms(input_path, output_path, dtype=None, progress=True):
-    """Convert a HuggingFace Llama (folder or weights file, config.json beside it) to a `.ckpt`.
+def hf_to_ms(input_path, output_path, dtype=None, progress=True, config_path=None):
+    """Convert a HuggingFace model (folder or weights file, config.json beside it) to a `.ckpt`.
 
     `dtype` ('fp32', 'fp16', 'bf16', or None to keep each tensor's own) sets the output dtype.
-    Returns the summary dict (see `format_summary`).
+    With `config_path`, the model's config (HuggingFace `config.json` form) is written there too,
+    so the checkpoint carries its model (see `model_config_path`). Returns the summary dict
+    (see `format_summary`).
     """
     started = time.time()
     dtype = dtypes.canonical(dtype)
     output_path = os.fspath(output_path)
     if os.path.isdir(output_path):
         raise ConvertError(f"{output_path} is a folder; give the .ckpt file to write, e.g. {output_path}/model.ckpt")
-    weights_path, config_path = find_weights(input_path)
-    dims = llama_dims_from_hf(read_hf_config(config_path), config_path)
+    weights_path, hf_config_path = find_weights(input_path)
+    hf_config = read_hf_config(hf_config_path)
+    try:
+        family, model_config = config_from_hf(hf_config, hf_config_path)
+    except ConfigError as exc:
+        raise ConvertError(str(exc)) from None
     source = open_hf_weights(weights_path)
+    entries = family.weight_entries(model_config)
+    known = {entry.hf_name for entry in entries}
 
     weights, skipped, unknown = {}, collections.Counter(), []
     for hf_name, tensor in source.items():
-        if HF_IGNORED.match(hf_name):
+        if family.hf_ignored(hf_name):
             skipped["rotary inv_freq buffers"] += 1
-            continue
-        ms_name = hf_to_ms_name(hf_name)
-        if ms_name is None:
-            unknown.append(f"{hf_name} (in {os.path.basename(tensor.file)})")
-        elif ms_name == "lm_head.weight" and dims.tie_word_embeddings:
+        elif hf_name == "lm_head.weight" and model_config.tie_word_embeddings:
             skipped["lm_head.weight (tied to the embedding)"] += 1
+        elif hf_name not in known:
+            unknown.append(f"{hf_name} (in {os.path.basename(tensor.file)})")
         else:
-            weights[ms_name] = tensor
+            weights[hf_name] = tensor
     if unknown:
-        raise ConvertError(f"{weights_path}: {len(unknown)} tensor(s) the HuggingFace⇄MindSpore name table does not "
+        raise ConvertError(f"{weights_path}: {len(unknown)} tensor(s) the {family.name} weight map does not "
                            f"know: {', '.join(sorted(unknown))}")
-    ordered = _check_against_config(weights, weight_shapes(dims), config_path, name_of=ms_to_hf_name)
+    check_file_weights({e.hf_name: e.hf_shape for e in entries}, weights, hf_config_path, model_config)
 
-    total_in = sum(t.nbytes for _, t in ordered)
-    with _progress_bar(total_in, "hf→ckpt", progress) as bar, atomic_output(output_path) as tmp:
+    tensors = split_stored(entries, weights)
+    with _progress_bar(sum(t.nbytes for t in weights.values()), "hf→ckpt", progress) as bar, \
+            atomic_output(output_path) as tmp:
         with CkptWriter(tmp) as writer:
-            for ms_name, tensor in ordered:
+            for ms_name, tensor in tensors.items():
                 out_dtype = dtype or tensor.dtype
                 writer.write(ms_name, out_dtype, tensor.shape, tensor.blocks(out_dtype))
                 bar.update(tensor.nbytes)
-    return _summary("hf_to_ms", input_path, output_path, [t for _, t in ordered], dtype, skipped, started)
+        if config_path:
+            write_model_config(model_config, config_path, dtype)
+    return _summary("hf_to_ms", input_path, output_path, list(tensors.values()), dtype, skipped, started)
 
 
-def ms_to_hf(input_ckpt, output_dir, llama_config, dtype=None, max_shard_size="5GB", tokenizer_dir=None,
+def ms_to_hf(input_ckpt, output_dir, model_config, dtype=None, max_shard_size="5GB", tokenizer_dir=None,
              progress=True):
     """Convert a MindSpore `.ckpt` to a HuggingFace folder: safetensors shards (+ index when
-    more than one), config.json and generation_config.json from `llama_config`, and the
+    more than one), config.json and generation_config.json from `model_config`, and the
     tokenizer files of `tokenizer_dir` when given. Non-model entries (optimizer state,
     global_step, ...) are skipped and counted. Returns the summary dict.
     """
@@ -86,74 +97,70 @@ def ms_to_hf(input_ckpt, output_dir, llama_config, dtype=None, max_shard_size="5
     output_dir = os.path.normpath(os.fspath(output_dir))
     _check_replaceable(output_dir)
     tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir else []
+    family = family_of(model_config)
+    entries = family.weight_entries(model_config)
+    shapes = family.weight_shapes(model_config)
     tensors, others = read_ckpt(input_ckpt)
 
-    weights, skipped, unknown = {}, collections.Counter(), []
+    weights, skipped = {}, collections.Counter()
     for name, tensor in tensors.items():
-        if ms_to_hf_name(name) is not None:
-            if name == "lm_head.weight" and llama_config.tie_word_embeddings:
-                skipped["lm_head.weight (tied to the embedding)"] += 1
-            else:
-                weights[name] = tensor
-        elif name.startswith(("model.", "lm_head.")):
-            unknown.append(name)
+        if name == "lm_head.weight" and model_config.tie_word_embeddings:
+            skipped["lm_head.weight (tied to the embedding)"] += 1
+        elif name in shapes or name.startswith(("model.", "lm_head.")):
+            weights[name] = tensor
         else:
             skipped[_entry_group(name)] += 1
     for name, _ in others:
         skipped[_entry_group(name)] += 1
-    if unknown:
-        raise ConvertError(f"{input_ckpt}: {len(unknown)} model tensor(s) the HuggingFace⇄MindSpore name table does "
-                           f"not know: {', '.join(sorted(unknown))}")
-    ordered = [t for _, t in _check_against_config(weights, weight_shapes(llama_config), "the model config",
-                                                    name_of=lambda n: n)]
-    out_dtype_of = {t.name: dtype or t.dtype for t in ordered}
-    shards = plan_shards(ordered, shard_limit, out_dtype_of)
+    check_file_weights(shapes, weights, "the model config", model_config)
+    hf_tensors = [stacked(e.hf_name, [weights[n] for n in e.ms_names]) if e.is_split
+                  else dataclasses.replace(weights[e.ms_names[0]], name=e.hf_name) for e in entries]
+    out_dtype_of = {t.name: dtype or t.dtype for t in hf_tensors}
+    shards = plan_shards(hf_tensors, shard_limit, out_dtype_of)
 
-    total_in = sum(t.nbytes for t in ordered)
+    total_in = sum(t.nbytes for t in hf_tensors)
     with _progress_bar(total_in, "ckpt→hf", progress) as bar, atomic_output(output_dir) as tmp:
         os.makedirs(tmp)
         weight_map = {}
         for index, shard in enumerate(shards, 1):
             file_name = "model.safetensors" if len(shards) == 1 else f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-            entries = [(ms_to_hf_name(t.name), out_dtype_of[t.name], t.shape, _counted(t, out_dtype_of[t.name], bar))
-                       for t in shard]
-            write_safetensors(os.path.join(tmp, file_name), entries, metadata={"format": "pt"})
-            weight_map.update({hf_name: file_name for hf_name, *_ in entries})
+            entries_out = [(t.name, out_dtype_of[t.name], t.shape, _counted(t, out_dtype_of[t.name], bar))
+                           for t in shard]
+            write_safetensors(os.path.join(tmp, file_name), entries_out, metadata={"format": "pt"})
+            weight_map.update({name: file_name for name, *_ in entries_out})
         if len(shards) > 1:
-            total_size = sum(t.numel * dtypes.itemsize(out_dtype_of[t.name]) for t in ordered)
+            total_size = sum(t.numel * dtypes.itemsize(out_dtype_of[t.name]) for t in hf_tensors)
             _write_json(os.path.join(tmp, "model.safetensors.index.json"),
                         {"metadata": {"total_size": total_size}, "weight_map": weight_map})
-        main_dtype = out_dtype_of[ordered[0].name]
-        _write_json(os.path.join(tmp, "config.json"), llama_config.to_hf(dtype=main_dtype))
+        main_dtype = out_dtype_of[hf_tensors[0].name]
+        _write_json(os.path.join(tmp, "config.json"), family.config_to_hf(model_config, main_dtype))
         _write_json(os.path.join(tmp, "generation_config.json"),
-                    {"bos_token_id": llama_config.bos_token_id, "eos_token_id": llama_config.eos_token_id})
+                    {"bos_token_id": model_config.bos_token_id, "eos_token_id": model_config.eos_token_id})
         for path in tokenizer_files:
             shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
-    summary = _summary("ms_to_hf", input_ckpt, output_dir, ordered, dtype, skipped, started)
+    summary = _summary("ms_to_hf", input_ckpt, output_dir, hf_tensors, dtype, skipped, started)
     summary["shards"] = len(shards)
     return summary
 
 
-def llama_config_from_yaml(path):
-    """LlamaConfig from a MindFormers-style run YAML's `model.model_config`."""
-    import yaml
-    from mindsft.models.llama import LlamaConfig
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    model_config = (data.get("model") or {}).get("model_config") if isinstance(data, dict) else None
-    if not isinstance(model_config, dict):
-        raise ConfigError(f"{path}: no model.model_config section")
-    return LlamaConfig.from_mindformers(model_config)
+def model_config_path(ckpt_path):
+    """Where the model's config travels with a checkpoint: `model.ckpt` → `model.config.json`
+    (HuggingFace's config.json layout, so any HF tool reads it too)."""
+    path = os.fspath(ckpt_path)
+    stem = path[:-len(".ckpt")] if path.endswith(".ckpt") else path
+    return stem + ".config.json"
 
 
-def llama_config_from_hf_json(path):
-    """LlamaConfig from a HuggingFace config.json."""
-    from mindsft.models.llama import LlamaConfig
+def write_model_config(model_config, path, dtype=None):
+    """Write a LlamaConfig as its family's `config.json` mapping, atomically."""
+    with atomic_output(path) as tmp:
+        _write_json(tmp, family_of(model_config).config_to_hf(model_config, dtypes.canonical(dtype)))
+    return path
 
-    return LlamaConfig.from_hf(read_hf_config(path), source=path)
+
+def read_model_config(path):
+    """The LlamaConfig of a `*.config.json` (or any HuggingFace config.json)."""
+    return config_from_hf(read_hf_config(path), path)[1]
 
 
 def parse_size(size):
@@ -190,25 +197,16 @@ def format_summary(summary):
             f"peak RSS {summary['peak_rss_bytes'] / 2**20:,.0f} MiB{skipped_text}")
 
 
-def _check_against_config(weights, shapes, config_source, name_of):
-    """[(MindSpore name, tensor)] in model order, after checking none is missing and every shape is right."""
-    missing = [name_of(n) for n in shapes if n not in weights]
-    extra = [name_of(n) for n in weights if n not in shapes]
-    wrong = [f"{name_of(n)} {list(t.shape)} in {os.path.basename(t.file)} (expected {list(shapes[n])})"
-             for n, t in weights.items() if n in shapes and tuple(t.shape) != tuple(shapes[n])]
-    not_float = [f"{name_of(n)} ({t.dtype})" for n, t in weights.items() if t.dtype not in dtypes.FLOAT_DTYPES]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) missing for the config: {', '.join(missing)}")
-    if extra:
-        problems.append(f"{len(extra)} tensor(s) beyond the config's layers: {', '.join(extra)}")
-    if wrong:
-        problems.append(f"{len(wrong)} shape(s) disagree with {config_source}: {'; '.join(wrong)}")
+def check_file_weights(shapes, weights, config_source, model_config):
+    """Every tensor a file must hold for the config, with its shape, and nothing else; floats only."""
+    def shape_text(name, got, want):
+        return f"{name} {list(got)} in {os.path.basename(weights[name].file)} (expected {list(want)})"
+    check_weights(shapes, {n: t.shape for n, t in weights.items()}, config_source, model_config, shape_text,
+                  phrases=("tensor(s) missing for the config", "tensor(s) beyond the config's layers",
+                           f"shape(s) disagree with {config_source}"))
+    not_float = [f"{n} ({t.dtype})" for n, t in weights.items() if t.dtype not in dtypes.FLOAT_DTYPES]
     if not_float:
-        problems.append(f"tensors that are not floating point: {', '.join(not_float)}")
-    if problems:
-        raise ConvertError(" | ".join(problems))
-    return [(n, weights[n]) for n in shapes]
+        raise ConvertError(f"tensors that are not floating point: {', '.join(not_float)}")
 
 
 def _counted(tensor, dtype, bar):

@@ -66,3 +66,45 @@ def segment_reader(path, segments, dtype, where):
                     del block  # before the next np.empty, so two blocks are never held
                     remaining -= count
     return read_blocks
+
+
+def row_slice(tensor, name, start_row, shape):
+    """The rows [start_row, start_row + shape[0]) of a stored [out, ...] tensor, as a StoredTensor
+    that streams (a split entry of a family's weight map: Baichuan's W_pack into q, k, v)."""
+    row_elements = math.prod(tensor.shape[1:])
+    first, count = start_row * row_elements, math.prod(shape)
+
+    def read_blocks(max_elements):
+        position = 0
+        for block in tensor.read_blocks(max_elements):
+            begin, end = max(first - position, 0), min(first + count - position, block.size)
+            position += block.size
+            if begin < end:
+                yield block[begin:end]
+            if position >= first + count:
+                return
+    return StoredTensor(name, tensor.dtype, tuple(shape), tensor.file, read_blocks)
+
+
+def stacked(name, parts):
+    """One stored tensor whose rows are `parts` one after another (a fused entry on the way out)."""
+    shape = (sum(p.shape[0] for p in parts),) + tuple(parts[0].shape[1:])
+
+    def read_blocks(max_elements):
+        for part in parts:
+            yield from part.read_blocks(max_elements)
+    return StoredTensor(name, parts[0].dtype, shape, parts[0].file, read_blocks)
+
+
+def split_stored(entries, stored):
+    """{our name: StoredTensor}, in model order, for the family weight entries whose HF tensor is in
+    `stored` {HF name: StoredTensor}: renames pass through, split entries become row slices."""
+    tensors = {}
+    for entry in entries:
+        if entry.hf_name not in stored:
+            continue
+        tensor, start = stored[entry.hf_name], 0
+        for name, shape in zip(entry.ms_names, entry.ms_shapes):
+            tensors[name] = row_slice(tensor, name, start, shape) if entry.is_split else tensor
+            start += shape[0]
+    return tensors

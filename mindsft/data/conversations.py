@@ -97,14 +97,3 @@ def normalize_record(record):
     # Order and emptiness are checked here so a reader of prompts gets the same errors as training.
     split_system(messages)
     return messages
-
-
-def load_conversations(path):
-    """Messages lists of every record of a `.json`/`.jsonl` file; errors name file and record index."""
-    conversations = []
-    for index, record in enumerate(read_json_records(path)):
-        try:
-            conversations.append(normalize_record(record))
-        except DataError as err:
-            raise DataError(f"{os.fspath(path)}: record {index}: {err}") from None
-    return conversations

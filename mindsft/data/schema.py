@@ -41,11 +41,6 @@ def mindrecord_schema(dataset_type, packed=False):
     return {name: {"type": "int32", "shape": [-1]} for name in columns(dataset_type, packed)}
 
 
-def batch_arguments(batch):
-    """The batch's columns as the model's `loss_terms` takes them, in BATCH_COLUMNS order."""
-    return tuple(batch[name] for name in BATCH_COLUMNS if name in batch)
-
-
 def record_length(seq_length):
     return seq_length + 1
 
@@ -80,3 +75,11 @@ def dataset_manifest(dataset_path):
         return None
     with open(os.path.join(folder, manifests[0]), encoding="utf-8") as f:
         return json.load(f)
+
+
+def recorded_template(dataset_path):
+    """(template name, where it was found) that llama_preprocess recorded for a dataset, or (None, None)."""
+    if not dataset_path:
+        return None, None
+    template = (dataset_manifest(dataset_path) or {}).get("template")
+    return (template, os.fspath(dataset_path)) if template else (None, None)

@@ -1,206 +1,20 @@
-"""The Llama-family decoder, top to bottom: config, RMSNorm, rotary embedding, attention with
+"""The Llama-family decoder, top to bottom: RMSNorm, rotary embedding, attention with
 grouped key/value heads, SwiGLU MLP, decoder layer, model, causal-LM head and its loss.
 
 It computes what HuggingFace transformers' `LlamaForCausalLM` computes on the same weights,
 and its parameter names are MindFormers' Llama names so checkpoints interoperate.
 """
-import dataclasses
-import difflib
 import math
-from typing import Optional
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, One, initializer
 
-from mindsft.errors import ConfigError
+from mindsft.models.config import LlamaConfig  # noqa: F401 - the one config the network is built from
 from mindsft.models.cpu_kernels import causal_attention, cross_entropy, packed_attention
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
-# MindFormers spells dtypes several ways in its YAML files.
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "float32": "float32",
-                 "float16": "float16", "bfloat16": "bfloat16"}
-LLAMA_ARCHITECTURES = {"LlamaForCausalLM", "LlamaModel"}
-
-
-def canonical_dtype(name, what="dtype"):
-    key = str(name).lower().replace("mstype.", "").replace("torch.", "")
-    if key not in DTYPE_ALIASES:
-        raise ConfigError(f"{what} {name!r} is not one of float32, float16, bfloat16")
-    return DTYPE_ALIASES[key]
-
-
-@dataclasses.dataclass
-class LlamaConfig:
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    num_layers: int = 32
-    num_heads: int = 32
-    n_kv_heads: Optional[int] = None
-    head_dim: Optional[int] = None
-    intermediate_size: Optional[int] = None
-    multiple_of: int = 256
-    ffn_dim_multiplier: Optional[float] = None
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
-    max_position_embeddings: int = 4096
-    seq_length: int = 4096
-    tie_word_embeddings: bool = False
-    bos_token_id: int = 1
-    eos_token_id: int = 2
-    pad_token_id: int = 0
-    ignore_index: int = -100
-    compute_dtype: str = "float32"
-    param_init_type: str = "float32"
-    initializer_range: float = 0.02
-
-    def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.num_heads
-        if self.head_dim is None:
-            if self.hidden_size % self.num_heads:
-                raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-            self.head_dim = self.hidden_size // self.num_heads
-        if self.num_heads % self.n_kv_heads:
-            raise ConfigError(f"num_heads {self.num_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
-        if self.intermediate_size is None:
-            self.intermediate_size = ffn_size_from_multiple_of(self.hidden_size, self.multiple_of,
-                                                               self.ffn_dim_multiplier)
-        self.compute_dtype = canonical_dtype(self.compute_dtype, "compute_dtype")
-        self.param_init_type = canonical_dtype(self.param_init_type, "param_init_type")
-        if self.rope_scaling is not None:
-            self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
-
-    # MindFormers' model_config keys that are about speed or placement, not about what is computed.
-    MINDFORMERS_IGNORED_KEYS = frozenset({
-        "type", "batch_size", "layernorm_compute_type", "softmax_compute_type", "rotary_dtype",
-        "use_flash_attention", "use_past", "offset", "checkpoint_name_or_path", "repetition_penalty",
-        "max_decode_length", "top_k", "top_p", "do_sample", "use_paged_attention", "block_size",
-        "num_blocks", "fine_grain_interleave", "qkv_concat", "use_rope_slice", "use_past_shard",
-        "is_dynamic", "scaling_factor", "extend_method", "parallel_optimizer", "fused_rms_norm",
-        "qkv_has_bias", "embedding_init_type", "pp_interleave_num", "use_ring_attention",
-        "pet_config", "output_attentions", "output_hidden_states", "return_dict",
-    })
-    # MindFormers name -> our field name.
-    MINDFORMERS_RENAMES = {"theta": "rope_theta", "ignore_token_id": "ignore_index",
-                           "max_position_embedding": "max_position_embeddings"}
-
-    @classmethod
-    def field_names(cls):
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_mindformers(cls, model_config):
-        """Build from a MindFormers `model.model_config` mapping. Unknown keys are errors."""
-        known = set(cls.field_names())
-        kwargs = {}
-        for key, value in dict(model_config).items():
-            name = cls.MINDFORMERS_RENAMES.get(key, key)
-            if name in known:
-                kwargs[name] = value
-            elif key not in cls.MINDFORMERS_IGNORED_KEYS:
-                choices = sorted(known | set(cls.MINDFORMERS_RENAMES) | cls.MINDFORMERS_IGNORED_KEYS)
-                near = difflib.get_close_matches(key, choices, n=1)
-                hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise ConfigError(f"model_config: unknown key {key!r}{hint}")
-        if model_config.get("extend_method") in ("LINEAR", "linear") and "rope_scaling" not in kwargs:
-            kwargs["rope_scaling"] = {"rope_type": "linear", "factor": float(model_config.get("scaling_factor", 1.0))}
-        if kwargs.get("max_position_embeddings") is None and kwargs.get("seq_length") is not None:
-            kwargs["max_position_embeddings"] = kwargs["seq_length"]
-        return cls(**kwargs)
-
-    @classmethod
-    def from_hf(cls, hf_config, source="config.json"):
-        """Build from a HuggingFace `config.json` mapping (transformers 4 or 5 layout)."""
-        archs = hf_config.get("architectures") or []
-        model_type = hf_config.get("model_type")
-        if model_type not in (None, "llama") or (archs and not set(archs) & LLAMA_ARCHITECTURES):
-            raise ConfigError(f"{source}: model_type {model_type!r} / architectures {archs} is not a "
-                              "Llama-family model (expected model_type 'llama', LlamaForCausalLM)")
-        rope = hf_config.get("rope_parameters") or {}
-        rope_theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
-        rope_scaling = hf_config.get("rope_scaling")
-        if rope.get("rope_type", "default") != "default":
-            rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if hf_config.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{source}: hidden_act {hf_config['hidden_act']!r} is not supported (silu only)")
-        for flag in ("attention_bias", "mlp_bias"):
-            if hf_config.get(flag):
-                raise ConfigError(f"{source}: {flag}=true is not supported by the Llama model")
-        dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
-        eos = hf_config.get("eos_token_id", 2)
-        return cls(
-            vocab_size=hf_config["vocab_size"],
-            hidden_size=hf_config["hidden_size"],
-            num_layers=hf_config["num_hidden_layers"],
-            num_heads=hf_config["num_attention_heads"],
-            n_kv_heads=hf_config.get("num_key_value_heads"),
-            head_dim=hf_config.get("head_dim"),
-            intermediate_size=hf_config["intermediate_size"],
-            rms_norm_eps=hf_config.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=hf_config.get("max_position_embeddings", 4096),
-            seq_length=hf_config.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-            bos_token_id=hf_config.get("bos_token_id", 1),
-            eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            pad_token_id=hf_config.get("pad_token_id") or 0,
-            param_init_type=canonical_dtype(dtype),
-            compute_dtype=canonical_dtype(dtype),
-            initializer_range=hf_config.get("initializer_range", 0.02),
-        )
-
-    def to_hf(self, dtype=None):
-        """The `config.json` mapping (transformers 4 layout, which transformers 5 also reads)."""
-        config = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "attention_bias": False,
-            "mlp_bias": False,
-            "initializer_range": self.initializer_range,
-            "torch_dtype": dtype or self.param_init_type,
-            "use_cache": True,
-        }
-        return config
-
-
-def ffn_size_from_multiple_of(hidden_size, multiple_of, ffn_dim_multiplier=None):
-    """MindFormers' (and Meta's) FFN width: 2/3 of 4·hidden, scaled, rounded up to multiple_of."""
-    hidden_dim = int(2 * (4 * hidden_size) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
-    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
-
-
-def normalize_rope_scaling(rope_scaling):
-    scaling = dict(rope_scaling)
-    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
-    scaling.pop("type", None)
-    if rope_type not in ("default", "linear", "llama3"):
-        raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (linear, llama3)")
-    if rope_type == "default":
-        return None
-    scaling["rope_type"] = rope_type
-    return scaling
 
 
 def rope_inverse_frequencies(config):
@@ -575,7 +389,3 @@ def causal_lm_loss_terms(logits, targets, ignore_index, fused=None):
     log_probs = ops.log_softmax(flat_logits, -1)
     picked = ops.gather_elements(log_probs, 1, safe_targets.reshape(-1, 1)).reshape(-1)
     return -(picked * weights).sum(), weights.sum()
-
-
-def count_parameters(model):
-    return sum(int(np.prod(p.shape)) for p in model.get_parameters())

@@ -20,12 +20,23 @@ from mindsft.data.schema import (BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, PACK
 from mindsft.errors import DataError
 
 
+def build_data(config, dataset, rank, world_size, train=True):
+    """The ShardedBatches of a run config's train_dataset (train) or eval_dataset (in order, whole)."""
+    return ShardedBatches(
+        dataset.data_loader.dataset_dir, config.model_config.seq_length, config.runner_config.batch_size,
+        data_parallel=world_size, rank=rank,
+        accumulation_steps=config.runner_config.gradient_accumulation_steps if train else 1,
+        shuffle=dataset.data_loader.shuffle if train else False, seed=config.seed,
+        drop_remainder=dataset.drop_remainder if train else False, pad_to_multiple_of=dataset.pad_to_multiple_of,
+        what="train_dataset" if train else "eval_dataset", input_columns=dataset.input_columns)
+
+
 class ShardedBatches:
     """Micro-batches of one rank, in the global order above. Reads only this rank's records."""
 
     def __init__(self, dataset_dir, seq_length, batch_size, data_parallel=1, rank=0,
                  accumulation_steps=1, shuffle=True, seed=0, drop_remainder=True, pad_to_multiple_of=0,
-                 what="train_dataset"):
+                 what="train_dataset", input_columns=BATCH_COLUMNS):
         if not dataset_dir:
             raise DataError(f"{what}.data_loader.dataset_dir is not set (give --{what}_dir)")
         try:
@@ -35,7 +46,16 @@ class ShardedBatches:
         self.dataset_dir = dataset_dir
         probe = ds.MindDataset(self.files, shuffle=False)
         self.num_records = probe.get_dataset_size()
-        self.columns = [c for c in BATCH_COLUMNS if c in probe.get_col_names()]
+        unknown = [c for c in input_columns if c not in BATCH_COLUMNS]
+        if unknown:
+            raise DataError(f"{what}.input_columns: {', '.join(unknown)} is not a column the model takes "
+                            f"({', '.join(BATCH_COLUMNS)})")
+        # As MindFormers: the columns read are the YAML's input_columns that the records hold, so a
+        # pretraining config (input_ids only) learns every token of qa records too.
+        # Sample boundaries are read whenever the records hold them, listed or not: packed rows
+        # computed without them would mix their samples.
+        self.columns = [c for c in BATCH_COLUMNS if (c in input_columns or c == PACKED_COLUMN)
+                        and c in probe.get_col_names()]
         if "input_ids" not in self.columns:
             raise DataError(f"{dataset_dir}: records have no 'input_ids' column (columns: {probe.get_col_names()})")
         if self.num_records == 0:
@@ -122,6 +142,11 @@ class ShardedBatches:
             if len(micro) == self.accumulation_steps:
                 yield micro
                 micro = []
+
+    def batches(self, epoch=0):
+        """Every micro-batch of this rank in one epoch, one after another (evaluation)."""
+        for micro_batches in self.epoch(epoch):
+            yield from micro_batches
 
 
 def padding_rows(batch, count):

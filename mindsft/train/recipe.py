@@ -1,156 +1,27 @@
-"""The training run, as a recipe: context → config checks → model → weights → data →
-optimizer and schedule → the loop → checkpoints and final weights.
+"""The training run, as a recipe: context → data → model → weights → optimizer and schedule →
+the loop → checkpoints and final weights.
 
-`run(config)` is what `run_mindformer.py` calls; train and finetune are the same code (the
-config decides: finetune loads a checkpoint and has a labels column), eval measures loss and
-perplexity, predict is handed to `mindsft.predict`.
+train and finetune are the same code (the config decides: finetune loads a checkpoint and has a
+labels column). One step of training passes through `train/batches.py` (the micro-batches),
+`train/step.py` (the compiled forward, backward and AdamW update) and `models/llama.py`.
 """
-import dataclasses
 import json
-import math
 import os
 import time
 
-import mindspore as ms
-
-from mindsft.data.schema import dataset_manifest
-from mindsft.errors import ConfigError, MindsftError
-from mindsft.models.llama import LlamaForCausalLM
-from mindsft.models.weights import assign_weights
+from mindsft.convert.convert import model_config_path, write_model_config
+from mindsft.data.schema import recorded_template
+from mindsft.files import atomic_output
+from mindsft.models.build import build_model, load_start_weights, restore_training_state, uses_lora
 from mindsft.train import checkpoint as ckpt
-from mindsft.train.batches import ShardedBatches
+from mindsft.train.batches import build_data
+from mindsft.train.context import setup_context
+from mindsft.train.evaluate import evaluate_loss
 from mindsft.train.monitor import TrainingMonitor, plot_loss
 from mindsft.train.schedule import build_lr_schedule
-from mindsft.train.step import AdamWUpdate, EvalStep, TrainStep, tensors_of
+from mindsft.train.step import AdamWUpdate, TrainStep
 
-OPTIMIZER_STATE_PREFIXES = ("adam_m.", "adam_v.", "accum_grad.")
-STATE_KEYS = ("global_step", "loss_scale", "good_steps", "epoch_num", "step_num")
-
-
-def run(config):
-    """Run `config.run_mode`: train/finetune → train(), eval → evaluate(), predict → mindsft.predict."""
-    if config.run_mode in ("train", "finetune"):
-        return train(config)
-    if config.run_mode == "eval":
-        return evaluate(config)
-    try:
-        from mindsft import predict
-    except ImportError:
-        raise MindsftError("run_mode predict is not built yet (mindsft.predict is missing); "
-                           "use train, finetune or eval") from None
-    return predict.run(config)
-
-
-# ---------------------------------------------------------------------------- context and checks
-
-def check_parallel_settings(config):
-    """Settings MindSpore cannot honour on this device, refused before any work starts."""
-    if not config.use_parallel:
-        return
-    device = config.context.device_target
-    pc, mode = config.parallel_config, config.parallel
-    if device == "CPU":
-        refused = [(pc.model_parallel > 1, f"parallel_config.model_parallel {pc.model_parallel}"),
-                   (pc.pipeline_stage > 1, f"parallel_config.pipeline_stage {pc.pipeline_stage}"),
-                   (mode.enable_parallel_optimizer, "parallel.enable_parallel_optimizer True"),
-                   (pc.use_seq_parallel, "parallel_config.use_seq_parallel True")]
-        for bad, setting in refused:
-            if bad:
-                raise ConfigError(f"{setting}: MindSpore's semi-auto parallel (tensor/pipeline/optimizer sharding) "
-                                  "only runs on Ascend/GPU; on CPU only data parallel is possible "
-                                  "(set it to 1/False and use data_parallel)")
-
-
-def mindspore_context_settings(context):
-    """The YAML's `context` keys that differ from their defaults, as `ms.set_context` takes them
-    (mode and device are set on their own); None values are MindSpore's own defaults."""
-    settings = {}
-    for field in dataclasses.fields(context):
-        if field.name in ("mode", "device_target", "device_id"):
-            continue
-        value = getattr(context, field.name)
-        if value is not None and value != field.default:
-            settings[field.name] = value
-    return settings
-
-
-def setup_context(config):
-    """Device, graph mode, seed, and the data-parallel group. Returns (rank, world_size)."""
-    check_parallel_settings(config)
-    ms.set_context(mode=ms.GRAPH_MODE if config.context.mode == 0 else ms.PYNATIVE_MODE)
-    ms.set_device(config.context.device_target)
-    context_settings = mindspore_context_settings(config.context)
-    if context_settings:
-        ms.set_context(**context_settings)
-    ms.set_seed(config.seed)
-    if not config.use_parallel:
-        return 0, 1
-    from mindspore.communication import get_group_size, get_rank, init
-    try:
-        init()
-    except Exception as exc:  # MindSpore raises RuntimeError/ValueError without its launcher's environment
-        raise ConfigError(f"use_parallel True needs the msrun launcher (scripts/msrun_launcher.sh): {exc}") from None
-    rank, world_size = get_rank(), get_group_size()
-    pc = config.parallel_config
-    if pc.data_parallel * pc.model_parallel * pc.pipeline_stage != world_size:
-        raise ConfigError(f"parallel_config: data_parallel {pc.data_parallel} x model_parallel {pc.model_parallel} "
-                          f"x pipeline_stage {pc.pipeline_stage} = "
-                          f"{pc.data_parallel * pc.model_parallel * pc.pipeline_stage}, but {world_size} workers run")
-    if config.context.device_target != "CPU" and (pc.model_parallel > 1 or pc.pipeline_stage > 1):
-        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.SEMI_AUTO_PARALLEL, device_num=world_size,
-                                     pipeline_stages=pc.pipeline_stage,
-                                     enable_parallel_optimizer=config.parallel.enable_parallel_optimizer)
-    return rank, world_size
-
-
-# ---------------------------------------------------------------------------- model and weights
-
-def build_model(config):
-    """The Llama of `model.model_config`, with LoRA adapters when pet_config / finetuning_type asks."""
-    model = LlamaForCausalLM(config.llama_config)
-    if config.pet_config or config.finetuning_type == "lora":
-        from mindsft import lora
-        if config.pet_config:
-            lora_config = lora.LoraConfig.from_mindformers(config.pet_config)
-        else:
-            lora_config = lora.LoraConfig.from_llamafactory(
-                {k: getattr(config, k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target")
-                 if getattr(config, k) is not None})
-        lora.apply_lora(model, lora_config, seed=config.seed)
-        print(lora.parameter_report(model)[2])
-    return model
-
-
-def uses_lora(model):
-    return getattr(model, "lora_config", None) is not None
-
-
-def load_weights(model, path):
-    """Model weights from a .ckpt (a converted model or a training checkpoint: optimizer state ignored)."""
-    arrays = ckpt.load_checkpoint_arrays(path)
-    weights = {name: value for name, value in arrays.items()
-               if not name.startswith(OPTIMIZER_STATE_PREFIXES) and name not in STATE_KEYS}
-    # LoRA adapters are new parameters the base checkpoint cannot hold.
-    required = {p.name for p in model.get_parameters() if "lora_" not in p.name}
-    missing = sorted(required - set(weights))
-    if missing:
-        raise ConfigError(f"{path}: tensors missing for the model: {', '.join(missing)}")
-    assign_weights(model, weights, source=path, strict=False)
-
-
-def restore_training_state(model, optimizer, path):
-    """Weights, optimizer moments and counters from a training checkpoint; returns the counters."""
-    arrays = ckpt.load_checkpoint_arrays(path)
-    missing = [name for name in optimizer.state() if name not in arrays]
-    missing += [key for key in STATE_KEYS if key not in arrays]
-    if missing:
-        raise ConfigError(f"{path}: not a training checkpoint, it lacks {', '.join(missing[:5])}")
-    assign_weights(model, {p.name: arrays[p.name] for p in model.get_parameters() if p.name in arrays},
-                   source=path, strict=False)
-    for name, param in optimizer.state().items():
-        param.set_data(arrays[name].astype(ms.float32))
-    return {key: arrays[key].asnumpy().item() for key in STATE_KEYS}
-
+# ---------------------------------------------------------------------------- data
 
 def resume_checkpoint_dir(config):
     if isinstance(config.resume_training, str) and config.resume_training:
@@ -160,22 +31,9 @@ def resume_checkpoint_dir(config):
     return config.checkpoint_dir
 
 
-# ---------------------------------------------------------------------------- data
-
-def build_data(config, dataset, rank, world_size, train=True):
-    model_config = config.llama_config
-    return ShardedBatches(
-        dataset.data_loader.dataset_dir, model_config.seq_length, config.runner_config.batch_size,
-        data_parallel=world_size, rank=rank,
-        accumulation_steps=config.runner_config.gradient_accumulation_steps if train else 1,
-        shuffle=dataset.data_loader.shuffle if train else False, seed=config.seed,
-        drop_remainder=dataset.drop_remainder if train else False, pad_to_multiple_of=dataset.pad_to_multiple_of,
-        what="train_dataset" if train else "eval_dataset")
-
-
 def loss_scale_settings(config):
     """(initial scale, factor, window) for fp16; None when computing in fp32/bf16 (no scaling)."""
-    if config.llama_config.compute_dtype != "float16":
+    if config.model_config.compute_dtype != "float16":
         return None
     sense = config.runner_wrapper.scale_sense
     if isinstance(sense, (int, float)):
@@ -196,10 +54,8 @@ def train(config):
     if config.do_eval:
         eval_data = build_data(config, config.eval_dataset, rank, world_size, train=False)
     model = build_model(config)
-    if config.load_checkpoint and not config.resume_training:
-        load_weights(model, ckpt.find_weights_file(config.load_checkpoint, rank))
-    elif config.load_checkpoint and config.resume_training and not os.path.isdir(config.load_checkpoint):
-        load_weights(model, ckpt.find_weights_file(config.load_checkpoint, rank))
+    if not (config.resume_training and config.load_checkpoint and os.path.isdir(config.load_checkpoint)):
+        load_start_weights(model, config, rank)
 
     params = model.trainable_params()
     opt = config.optimizer
@@ -238,7 +94,7 @@ def train(config):
     if is_main:
         write_run_summary(config, data, total_steps, world_size, model)
 
-    tokens_per_step = data.global_batch * config.llama_config.seq_length
+    tokens_per_step = data.global_batch * config.model_config.seq_length
     first_of_run = True
     loss = float("nan")
     start_epoch, start_in_epoch = divmod(state["global_step"], data.steps_per_epoch)
@@ -261,8 +117,7 @@ def train(config):
                 save_state(config, checkpoint_dir, rank, model, optimizer, state, epoch, step_in_epoch)
             if eval_data is not None and config.eval_step_interval > 0 \
                     and state["global_step"] % config.eval_step_interval == 0:
-                eval_loss, perplexity = evaluate_loss(model, eval_data, world_size)
-                monitor.log_eval(state["global_step"], eval_loss, perplexity)
+                monitor.log_eval(state["global_step"], *evaluate_loss(model, eval_data.batches(), world_size))
     monitor.close()
     if is_main and data.pad_to_multiple_of:
         print(f"bucketed batches: the step was compiled for {len(data.lengths_seen)} lengths "
@@ -285,6 +140,8 @@ def train(config):
         else:
             final_path = ckpt.save_weights(save_params(model, checkpoint_settings),
                                            os.path.join(checkpoint_dir, f"{prefix}_final.ckpt"))
+            # The final weights carry their model, so predict and merge need no shape in the YAML.
+            write_model_config(config.model_config, model_config_path(final_path))
         png = plot_loss(monitor.metrics_path)
         print(f"final weights: {final_path}\nmetrics: {monitor.metrics_path}\nloss curve: {png}")
     return {"final_loss": loss, "steps": state["global_step"], "final_checkpoint": final_path}
@@ -322,10 +179,7 @@ def update_loss_scale(state, finite, scaling):
 
 def training_template(config):
     """The prompt template of the training data: the config's, else the one llama_preprocess recorded."""
-    if config.template:
-        return config.template
-    manifest = dataset_manifest(config.train_dataset.data_loader.dataset_dir) or {}
-    return manifest.get("template")
+    return config.template or recorded_template(config.train_dataset.data_loader.dataset_dir)[0]
 
 
 def write_run_summary(config, data, total_steps, world_size, model):
@@ -335,38 +189,8 @@ def write_run_summary(config, data, total_steps, world_size, model):
                "total_steps": total_steps, "workers": world_size,
                "trainable_params": sum(int(p.size) for p in model.trainable_params()),
                "config": config.to_dict()}
-    with open(os.path.join(config.output_dir, "run_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    with atomic_output(os.path.join(config.output_dir, "run_summary.json")) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2, default=str)
     print(f"{data.num_records} records ({data.dropped_per_epoch} dropped per epoch), global batch "
           f"{data.global_batch} on {world_size} worker(s), {data.steps_per_epoch} steps/epoch, {total_steps} steps")
-
-
-def evaluate_loss(model, data, world_size):
-    """(token-mean loss, perplexity) over a whole dataset, summed over ranks."""
-    eval_step = EvalStep(model, world_size)
-    loss_sum, count = 0.0, 0.0
-    for micro_batches in data.epoch(0):
-        for batch in micro_batches:
-            part_sum, part_count = eval_step(*tensors_of(batch))
-            loss_sum += float(part_sum.asnumpy())
-            count += float(part_count.asnumpy())
-    loss = loss_sum / max(count, 1.0)
-    return loss, math.exp(min(loss, 700.0))
-
-
-def evaluate(config):
-    """run_mode eval: loss and perplexity of `load_checkpoint` over the eval dataset."""
-    rank, world_size = setup_context(config)
-    data = build_data(config, config.eval_dataset, rank, world_size, train=False)
-    model = build_model(config)
-    if not config.load_checkpoint:
-        raise ConfigError("run_mode eval needs --load_checkpoint (the weights to evaluate)")
-    load_weights(model, ckpt.find_weights_file(config.load_checkpoint, rank))
-    loss, perplexity = evaluate_loss(model, data, world_size)
-    result = {"eval_loss": loss, "eval_perplexity": perplexity, "records": data.num_records}
-    if rank == 0:
-        os.makedirs(config.output_dir, exist_ok=True)
-        with open(os.path.join(config.output_dir, "eval_results.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"eval: loss {loss:.6f} perplexity {perplexity:.4f} over {data.num_records} records")
-    return result

@@ -10,7 +10,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from mindsft.data.schema import batch_arguments
+from mindsft.data.schema import BATCH_COLUMNS
 from mindsft.models.cpu_kernels import adamw_step
 
 
@@ -154,7 +154,7 @@ class TrainStep(nn.Cell):
 
 def tensors_of(batch):
     """The batch's columns as Tensors, in the order the compiled graphs take them."""
-    return tuple(Tensor(column) for column in batch_arguments(batch))
+    return tuple(Tensor(batch[name]) for name in BATCH_COLUMNS if name in batch)
 
 
 class Accumulate(nn.Cell):

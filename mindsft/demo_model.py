@@ -1,5 +1,5 @@
-"""The built-in sample: a tiny random Llama in HuggingFace format and a tokenizer trained on the
-shipped instruction set, so the demo and the tests run on a fresh machine with no model hub.
+"""The demo model: a tiny random Llama-family model in HuggingFace format and a tokenizer trained
+on the shipped instruction set, so the demo and the tests run on a fresh machine with no model hub.
 
 Only numpy, safetensors and sentencepiece are used: neither torch nor transformers is needed.
 """
@@ -11,9 +11,9 @@ import numpy as np
 import sentencepiece as spm
 from safetensors.numpy import save_file
 
-from mindsft.convert.names import expected_ms_names, ms_to_hf_name
 from mindsft.files import atomic_output
-from mindsft.models.llama import LlamaConfig
+from mindsft.models.config import LlamaConfig
+from mindsft.models.families import family_of
 
 SAMPLE_DATA_DIR = os.path.join(os.path.dirname(__file__), "sample_data")
 SAMPLE_ALPACA = os.path.join(SAMPLE_DATA_DIR, "alpaca_sample.json")
@@ -52,29 +52,17 @@ def train_tokenizer(texts, output_path, vocab_size=512):
 
 
 def random_llama_arrays(config, seed=0, dtype=np.float32):
-    """{HuggingFace name: array} of a randomly initialised Llama (norm weights near 1)."""
+    """{HuggingFace name: array} of a randomly initialised model of `config`'s family (norm weights near 1)."""
     rng = np.random.default_rng(seed)
-    shapes = {
-        "embedding_weight": (config.vocab_size, config.hidden_size),
-        "wq": (config.num_heads * config.head_dim, config.hidden_size),
-        "wk": (config.n_kv_heads * config.head_dim, config.hidden_size),
-        "wv": (config.n_kv_heads * config.head_dim, config.hidden_size),
-        "wo": (config.hidden_size, config.num_heads * config.head_dim),
-        "w1": (config.intermediate_size, config.hidden_size),
-        "w3": (config.intermediate_size, config.hidden_size),
-        "w2": (config.hidden_size, config.intermediate_size),
-        "lm_head": (config.vocab_size, config.hidden_size),
-    }
+    family = family_of(config)
     arrays = {}
-    for ms_name in expected_ms_names(config.num_layers, config.tie_word_embeddings):
-        if "norm" in ms_name:
-            value = 1.0 + 0.1 * rng.standard_normal(config.hidden_size)
+    for name, shape in family.weight_shapes(config).items():
+        if len(shape) == 1:
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
         else:
-            parts = ms_name.split(".")
-            key = parts[-2] if parts[-1] == "weight" else parts[-1]
-            value = config.initializer_range * rng.standard_normal(shapes[key])
-        arrays[ms_to_hf_name(ms_name)] = value.astype(dtype)
-    return arrays
+            value = config.initializer_range * rng.standard_normal(shape)
+        arrays[name] = value.astype(dtype)
+    return family.ms_to_hf_arrays(arrays, config)
 
 
 def write_tiny_hf_llama(output_dir, seed=0, tokenizer_texts=None, **config_overrides):
@@ -86,7 +74,7 @@ def write_tiny_hf_llama(output_dir, seed=0, tokenizer_texts=None, **config_overr
         save_file(random_llama_arrays(config, seed), os.path.join(tmp, "model.safetensors"),
                   metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config.to_hf(), f, indent=2)
+            json.dump(family_of(config).config_to_hf(config), f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, f, indent=2)
         train_tokenizer(tokenizer_texts or sample_texts(), os.path.join(tmp, "tokenizer.model"),

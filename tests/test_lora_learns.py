@@ -5,7 +5,7 @@ from mindspore import nn
 
 from mindsft.lora import LoraConfig, adapter_state, apply_lora, load_adapter_state
 from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
-from mindsft.sample import TINY_CONFIG
+from mindsft.demo_model import TINY_CONFIG
 
 
 def tiny_model():
