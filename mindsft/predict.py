@@ -159,13 +159,15 @@ def run_predict(model, tokenizer, predict_data, generation_config=None, template
     printer = None
     if stream is None and len(records) == 1:
         stream = sys.stdout
-    if stream and len(records) == 1:
+    # Beam search knows its best reply only at the end: nothing to stream.
+    if stream and len(records) == 1 and int(generation_config.num_beams) == 1:
         printer = StreamPrinter(tokenizer, stop_ids, stream)
 
     # Similar lengths share a batch so that little padding is computed.
     order = sorted(range(len(records)), key=lambda i: len(prompts_ids[i]))
     replies = [None] * len(records)
-    totals = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
+    totals = {"prefill_tokens": 0, "timed_prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0,
+              "decode_seconds": 0.0, "compile_seconds": 0.0}
     stopped_count = 0
     batches = range(0, len(order), batch_size)
     start_time = time.perf_counter()
@@ -194,9 +196,11 @@ def run_predict(model, tokenizer, predict_data, generation_config=None, template
         "num_hit_max_new_tokens": len(records) - stopped_count,
         "template": template.name if template_name != "hf" else "hf",
         "prefill_tokens": totals["prefill_tokens"],
-        "prefill_tokens_per_second": rate(totals["prefill_tokens"], totals["prefill_seconds"]),
+        # Rates leave out the calls that compiled a graph (see GenerationOutput).
+        "prefill_tokens_per_second": rate(totals["timed_prefill_tokens"], totals["prefill_seconds"]),
         "decode_tokens": totals["decode_tokens"],
         "decode_tokens_per_second": rate(totals["decode_tokens"], totals["decode_seconds"]),
+        "compile_seconds": totals["compile_seconds"],
         "runtime_seconds": elapsed,
     }
     labelled = [(r, p) for r, p in zip(records, predictions) if r.label is not None]
@@ -230,12 +234,14 @@ def write_predict_outputs(output_dir, predictions, metrics):
             json.dump(metrics, f, indent=2, ensure_ascii=False)
 
 
-DEFAULT_TEMPLATE = "vicuna_v1.1"   # llama_preprocess's default
+# A checkpoint with no training record is taken for a base model: it continues text, it was
+# never taught a chat template.
+BASE_MODEL_TEMPLATE = "raw"
 
 
 def resolve_template(config):
-    """The template the model was trained with: --template / YAML, else the training run's
-    run_summary.json beside the checkpoint, else the train dataset's manifest, else vicuna_v1.1."""
+    """(template, where it came from): --template / YAML, else the training run's run_summary.json
+    beside the checkpoint, else the train dataset's manifest, else `raw` (a base model)."""
     if config.template:
         return config.template, "config"
     if config.load_checkpoint:
@@ -252,7 +258,7 @@ def resolve_template(config):
     template, source = recorded_template(config.train_dataset.data_loader.dataset_dir)
     if template:
         return template, source
-    return DEFAULT_TEMPLATE, "default"
+    return BASE_MODEL_TEMPLATE, None
 
 
 def run(config):
@@ -275,7 +281,11 @@ def run(config):
                           "(--processor.tokenizer.vocab_file PATH/tokenizer.model)")
     tokenizer = LlamaTokenizer(tokenizer_file)
     template_name, source = resolve_template(config)
-    print(f"template: {template_name} (from {source})")
+    if source is None:
+        print(f"template: {template_name} (no training record beside {config.load_checkpoint}: a base model "
+              "continues the prompt as plain text; --template NAME asks in a chat template)")
+    else:
+        print(f"template: {template_name} (from {source})")
     # Generation compiles its own steps with ms.jit; only an accelerator needs selecting.
     if config.context.device_target != "CPU":
         ms.set_device(config.context.device_target)
@@ -284,8 +294,14 @@ def run(config):
     load_start_weights(model, config)
     result = run_predict(model, tokenizer, config.predict_data, config.generation_config, template_name,
                          output_dir=config.output_dir)
-    metrics = result["metrics"]
-    print(f"prefill {metrics['prefill_tokens_per_second']:.1f} tokens/s, "
-          f"decode {metrics['decode_tokens_per_second']:.1f} tokens/s; "
-          f"predictions: {os.path.join(config.output_dir, PREDICTIONS_FILE)}")
+    print(f"{speed_summary(result['metrics'])}; predictions: {os.path.join(config.output_dir, PREDICTIONS_FILE)}")
     return result
+
+
+def speed_summary(metrics):
+    """Decode and prefill tokens/s, compilation left out and said so."""
+    def figure(name):
+        value = metrics[f"{name}_tokens_per_second"]
+        return f"{name} {value:.1f} tokens/s" if value > 0 else f"{name}: every call compiled, no timing"
+    return (f"{figure('decode')}, {figure('prefill')} "
+            f"(not counting {metrics['compile_seconds']:.1f} s of graph compilation)")

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mindsft.cli import HelpFormatter  # noqa: E402
 from mindsft.errors import MindsftError  # noqa: E402
 from mindsft.models.families import FAMILIES  # noqa: E402
 
@@ -26,7 +27,7 @@ MODELS = tuple(dict.fromkeys(name for family in FAMILIES.values() for name in (f
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default=None,
                         help=f"model family: {', '.join(MODELS)} (default: read from config.json)")
     parser.add_argument("--input_path", required=True,
@@ -41,7 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--hf_config", default=None, help="with --reversed: a HuggingFace config.json instead of --config")
     parser.add_argument("--tokenizer_dir", default=None,
                         help="with --reversed: folder whose tokenizer files are copied into the output")
-    parser.add_argument("--max_shard_size", default="5GB", help="with --reversed: largest safetensors shard (default 5GB)")
+    parser.add_argument("--max_shard_size", default="5GB", help="with --reversed: largest safetensors shard")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.model is not None and args.model.lower() not in MODELS:

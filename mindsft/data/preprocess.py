@@ -11,11 +11,13 @@ BOS + tokens + EOS per paragraph, concatenated, cut into `seq_length + 1` chunks
 
 Tokenization runs in `num_workers` processes over chunks of records taken in order, so the output
 does not depend on the number of workers.
+
+qa data may mix several sources (`mindsft.data.mixing`) and set records aside for evaluation
+(`val_size`, `mindsft.data.split`): then two outputs are written, the eval one first.
 """
 import contextlib
 import dataclasses
 import gc
-import glob
 import itertools
 import json
 import multiprocessing
@@ -26,8 +28,10 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from mindsft.data.conversations import normalize_record, read_json_records
+from mindsft.data import mixing, split
+from mindsft.data.conversations import normalize_record
 from mindsft.data.mindrecord import EmptyOutputError, write_mindrecord
+from mindsft.data.mixing import input_files
 from mindsft.data.packing import pack_samples
 from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, record_length
 from mindsft.errors import ConfigError, DataError
@@ -41,7 +45,7 @@ CHUNK_RECORDS = 256  # records per worker task: 64 measured ~10% slower with 2 w
 @dataclasses.dataclass
 class PreprocessOptions:
     """What llama_preprocess.py takes (MindFormers' flags plus mindsft's)."""
-    input_glob: str
+    input_glob: object  # a glob, or a list of globs (one mix source each)
     model_file: str
     output_file: str
     dataset_type: str = "qa"
@@ -56,6 +60,16 @@ class PreprocessOptions:
     packing: bool = False
     progress: bool = True
     command_line: list = None
+    # Mixing (qa): one weight per input glob, or `sources` read from a manifest.
+    mix_weights: list = None
+    mix_strategy: str = "concat"
+    max_samples: int = None
+    sources: list = None
+    seed: int = 42
+    # The validation split (qa): val_size 0 = none; `split` is the side a pass writes (set by preprocess).
+    val_size: float = 0
+    eval_output_file: str = None
+    split: str = None
 
     def validate(self):
         if self.dataset_type not in DATASET_TYPES:
@@ -67,20 +81,16 @@ class PreprocessOptions:
         for name in ("seq_length", "file_partition", "repeat", "num_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.mix_strategy not in mixing.MIX_STRATEGIES:
+            raise ConfigError(f"mix_strategy {self.mix_strategy!r} is not one of {', '.join(mixing.MIX_STRATEGIES)}")
+        if self.dataset_type != "qa" and (self.val_size or self.mix_weights or self.sources
+                                          or self.mix_strategy != "concat"):
+            raise ConfigError("mixing sources and val_size apply to qa data (wiki inputs are concatenated)")
 
 
 def stats_path(output_file):
     """Where the stats JSON of a run lands: `<output_file>.stats.json`."""
     return os.fspath(output_file) + ".stats.json"
-
-
-def input_files(input_glob):
-    """The files a glob names, sorted; an error if none."""
-    files = sorted(glob.glob(os.path.expanduser(input_glob), recursive=True))
-    files = [f for f in files if os.path.isfile(f)]
-    if not files:
-        raise DataError(f"--input_glob {input_glob!r} matches no file")
-    return files
 
 
 # --- qa ------------------------------------------------------------------------------------------
@@ -199,24 +209,37 @@ class RunStats:
         self.counts = dict(records_read=0, records_written=0, truncated=0, dropped=0, skipped=0,
                            tokens=0, learned_tokens=0)
         self.truncated, self.dropped, self.skipped = [], [], []
+        self.sources, self.source_of_file = [], {}
+
+    def note_written(self, path):
+        if self.sources:
+            self.sources[self.source_of_file[path]]["records_written"] += 1
 
     def note(self, kind, path, index, reason):
         self.counts[kind] += 1
         getattr(self, kind).append({"file": path, "record": index, "reason": reason})
 
 
+def _mixed_records(options, stats):
+    """[(file, index, raw record)] this pass writes: the sources mixed, then its side of the split."""
+    sources = options.sources or mixing.build_sources(options.input_glob, options.mix_weights, options.max_samples)
+    mixed = mixing.mix_sources(sources, options.mix_strategy, options.seed)
+    records, owners = mixed.records, mixed.source_of_record
+    if options.split is not None:
+        sides = split.split_positions([split.record_key(raw) for _, _, raw in records], options.val_size,
+                                     options.seed)
+        chosen = sides[split.SPLITS.index(options.split)]
+        records, owners = [records[p] for p in chosen], [owners[p] for p in chosen]
+    stats.sources = [dict(summary, records_taken=owners.count(n), records_written=0)
+                     for n, summary in enumerate(mixed.sources)]
+    stats.source_of_file = {path: owner for (path, _, _), owner in zip(records, owners)}
+    stats.input_files = mixed.files
+    return records
+
+
 def _qa_records(options, stats, pad_id, map_in_order):
-    files = input_files(options.input_glob)
-    records = []
-    for path in files:
-        file_records = read_json_records(path)
-        if not isinstance(file_records, list):
-            raise DataError(f"{path}: expected a JSON array of records or JSON Lines")
-        records.extend((path, index, raw) for index, raw in enumerate(file_records))
+    records = _mixed_records(options, stats)
     stats.counts["records_read"] = len(records)
-    if not records:
-        raise DataError(f"{', '.join(files)}: no records")
-    stats.input_files = files
     work = itertools.chain.from_iterable(itertools.repeat(records, options.repeat))
     bar = tqdm(total=len(records) * options.repeat, unit="rec", desc="tokenizing",
                disable=not options.progress, file=sys.stderr)
@@ -241,6 +264,7 @@ def _qa_records(options, stats, pad_id, map_in_order):
                     stats.note("truncated", path, index, f"longer than {record_length(options.seq_length)} tokens")
                 ids, labels = payload
                 stats.counts["records_written"] += 1
+                stats.note_written(path)
                 stats.counts["tokens"] += len(ids)
                 stats.counts["learned_tokens"] += int(np.count_nonzero(labels != IGNORE_INDEX))
                 if options.packing:
@@ -322,8 +346,13 @@ def _wiki_records(options, stats, pad_id, map_in_order):
 # --- the run -------------------------------------------------------------------------------------
 
 def preprocess(options):
-    """Tokenize the input files into MindRecord shards plus `<output_file>.stats.json`; returns stats."""
+    """Tokenize the input files into MindRecord shards plus `<output_file>.stats.json`; returns stats
+    (with a validation split, the train output's)."""
     options.validate()
+    if options.val_size and options.split is None:
+        eval_file = options.eval_output_file or split.default_eval_output(options.output_file)
+        preprocess(dataclasses.replace(options, split="eval", output_file=eval_file, repeat=1))
+        return preprocess(dataclasses.replace(options, split="train", eval_output_file=eval_file))
     tokenizer = LlamaTokenizer(options.model_file)
     if options.dataset_type == "qa":
         get_template(options.template, options.tokenizer_config)  # fail on a bad template before any work
@@ -350,6 +379,7 @@ def preprocess(options):
         "file_partition": options.file_partition,
         "repeat": options.repeat,
         **stats.counts,
+        **_mix_and_split_summary(options, stats),
         "truncated_records": stats.truncated,
         "dropped_records": stats.dropped,
         "skipped_records": stats.skipped,
@@ -358,4 +388,18 @@ def preprocess(options):
     with atomic_output(stats_path(options.output_file)) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
+    return summary
+
+
+def _mix_and_split_summary(options, stats):
+    if options.dataset_type != "qa":
+        return {}
+    summary = {"mix_strategy": options.mix_strategy, "seed": options.seed, "sources": stats.sources}
+    if options.split is not None:
+        summary.update(split=options.split, val_size=options.val_size)
+    if options.split == "train":
+        # Relative, so that training finds the eval records after the folder is moved.
+        eval_folder = os.path.dirname(os.path.abspath(options.eval_output_file))
+        train_folder = os.path.dirname(os.path.abspath(options.output_file))
+        summary["eval_dataset_dir"] = os.path.relpath(eval_folder, train_folder)
     return summary
