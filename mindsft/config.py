@@ -89,7 +89,7 @@ class DatasetConfig:
     generate_samples: int = 16
     # mindsft: cut each batch of unpacked rows after its last learned token, rounded up to a
     # multiple of this many tokens (0: full seq_length + 1 rows, MindFormers' way); the step is
-    # compiled once per length. Packed data ignores it. 128 from bench/sft_epoch.py: 4.3x the
+    # compiled once per length. Packed data ignores it. 128 from bench/sft_epoch.py: 2.5-4.3x the
     # learned tokens/s of full rows at seq_length 2048, at most 16 compiled lengths there.
     pad_to_multiple_of: int = 128
 
