@@ -59,6 +59,9 @@ def build_parser():
                         help="on a malformed record: stop (raise) or count it and go on (skip)")
     parser.add_argument("--drop_overlong", action="store_true",
                         help="drop conversations longer than seq_length+1 instead of truncating them")
+    parser.add_argument("--packing", action="store_true",
+                        help="qa: pack whole samples into rows of seq_length+1 (first-fit decreasing) with their "
+                             "boundaries in an actual_seq_len column; the trainer keeps samples apart")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -83,12 +86,16 @@ def main(argv=None):
         dataset_type=args.dataset_type, seq_length=args.seq_length, file_partition=args.file_partition,
         repeat=args.repeat, num_workers=args.num_workers, template=args.template,
         tokenizer_config=args.tokenizer_config, on_error=args.on_error, drop_overlong=args.drop_overlong,
+        packing=args.packing,
         progress=not args.no_progress, command_line=[sys.executable] + sys.argv if argv is None else argv)
     try:
         stats = preprocess(options)
     except MindsftError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if stats.get("packing"):
+        print(f"Packed {stats['samples_packed']} samples into {stats['rows']} rows ({stats['samples_per_row']['mean']} "
+              f"per row, packing efficiency {stats['packing_efficiency']:.1%})")
     print(f"Wrote {stats['records_written']} records of {stats['record_length']} tokens to "
           f"{', '.join(stats['output_files'])} (read {stats['records_read']}, truncated {stats['truncated']}, "
           f"dropped {stats['dropped']}, skipped {stats['skipped']}); stats in {stats_path(args.output_file)}")

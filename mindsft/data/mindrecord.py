@@ -11,7 +11,7 @@ import tempfile
 
 import numpy as np
 
-from mindsft.data.schema import COLUMNS, mindrecord_schema
+from mindsft.data.schema import columns as record_columns, mindrecord_schema
 from mindsft.errors import DataError
 
 WRITE_BATCH = 512  # records per write call: one call per record is MindRecord's slow path
@@ -33,13 +33,13 @@ def _existing_outputs(output_file):
     return [os.path.join(folder, n) for n in os.listdir(folder) if pattern.match(n)] if os.path.isdir(folder) else []
 
 
-def write_mindrecord(records_iter, output_file, dataset_type, partitions=1):
+def write_mindrecord(records_iter, output_file, dataset_type, partitions=1, packed=False):
     """Write records ({column: int sequence}) to MindRecord shards; returns (shard paths, count)."""
     from mindspore.mindrecord import FileWriter
     if partitions < 1:
         raise DataError(f"file_partition must be at least 1, got {partitions}")
-    columns = COLUMNS.get(dataset_type)
-    schema = mindrecord_schema(dataset_type)
+    columns = record_columns(dataset_type, packed)
+    schema = mindrecord_schema(dataset_type, packed)
     if any(spec != {"type": "int32", "shape": [-1]} for spec in schema.values()):
         raise DataError(f"{dataset_type}: rows are written as int32 arrays only; the schema asks {schema}")
     output_file = os.path.abspath(os.fspath(output_file))

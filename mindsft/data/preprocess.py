@@ -33,6 +33,7 @@ from mindsft.data import mixing, split
 from mindsft.data.conversations import normalize_record, record_tools
 from mindsft.data.mindrecord import EmptyOutputError, write_mindrecord
 from mindsft.data.mixing import input_files
+from mindsft.data.packing import pack_samples
 from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, record_length
 from mindsft.errors import ConfigError, DataError, MindsftError
 from mindsft.files import atomic_output
@@ -57,6 +58,7 @@ class PreprocessOptions:
     tokenizer_config: str = None
     on_error: str = "raise"
     drop_overlong: bool = False
+    packing: bool = False
     progress: bool = True
     command_line: list = None
     # Mixing (qa): one weight per input glob, or `sources` read from a manifest.
@@ -73,6 +75,8 @@ class PreprocessOptions:
     def validate(self):
         if self.dataset_type not in DATASET_TYPES:
             raise ConfigError(f"dataset_type {self.dataset_type!r} is not one of {', '.join(DATASET_TYPES)}")
+        if self.packing and self.dataset_type != "qa":
+            raise ConfigError("packing applies to qa data (wiki records are already cut from one stream)")
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         for name in ("seq_length", "file_partition", "repeat", "num_workers"):
@@ -275,6 +279,7 @@ def _qa_records(options, stats, pad_id, map_in_order):
     bar = tqdm(total=len(records) * options.repeat, unit="rec", desc="tokenizing",
                disable=not options.progress, file=sys.stderr)
     seen = 0
+    samples = []  # when packing: every (ids, labels), binned once all are known
     with bar:
         for results in map_in_order(_qa_task, _chunked(work, CHUNK_RECORDS)):
             for path, index, outcome, payload in results:
@@ -297,8 +302,20 @@ def _qa_records(options, stats, pad_id, map_in_order):
                 stats.note_written(path)
                 stats.counts["tokens"] += len(ids)
                 stats.counts["learned_tokens"] += int(np.count_nonzero(labels != IGNORE_INDEX))
-                yield pad_record(ids, labels, options.seq_length, pad_id)
+                if options.packing:
+                    samples.append((ids, labels))
+                else:
+                    yield pad_record(ids, labels, options.seq_length, pad_id)
             bar.update(len(results))
+    if options.packing:
+        yield from _packed_rows(samples, options, stats, pad_id)
+
+
+def _packed_rows(samples, options, stats, pad_id):
+    """Every sample placed once in rows of `seq_length + 1`; the stats count rows as records."""
+    rows, summary = pack_samples(samples, record_length(options.seq_length), pad_id, IGNORE_INDEX)
+    stats.counts.update(summary, records_written=summary["rows"])
+    yield from rows
 
 
 # --- wiki ----------------------------------------------------------------------------------------
@@ -376,7 +393,8 @@ def preprocess(options):
     with _gc_paused(), _workers(options) as (tokenizer, template, map_in_order):
         records = make_records(options, stats, tokenizer.pad_id, map_in_order)
         try:
-            shards, _ = write_mindrecord(records, options.output_file, options.dataset_type, options.file_partition)
+            shards, _ = write_mindrecord(records, options.output_file, options.dataset_type, options.file_partition,
+                                         packed=options.packing)
         except EmptyOutputError:
             raise DataError(f"{options.input_glob}: no record left to write ({stats.counts['skipped']} skipped, "
                             f"{stats.counts['dropped']} dropped); nothing written") from None
@@ -385,6 +403,7 @@ def preprocess(options):
         "template": options.template if options.dataset_type == "qa" else None,
         "seq_length": options.seq_length,
         "record_length": record_length(options.seq_length),
+        "packing": options.packing,
         "tokenizer": os.path.abspath(tokenizer.path),
         "tokenizer_sha256": tokenizer.sha256(),
         "tokenizer_config": getattr(template, "path", None) and os.path.abspath(template.path),

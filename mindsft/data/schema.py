@@ -13,10 +13,14 @@ from mindsft.errors import DataError
 # The label of a token the model does not learn (HuggingFace's and MindFormers' value). The data
 # is written with it and the model skips it: it is not a setting, so the two cannot disagree.
 IGNORE_INDEX = -100
-# A batch is a dict of these columns (all int32 [batch, seq_length + 1]). The model's
-# `loss_terms` takes them in this order under the same names; a dataset without `labels`
-# (pretraining text) learns every token.
-BATCH_COLUMNS = ("input_ids", "labels")
+# Packed qa rows add the samples' cumulative end offsets (see mindsft/data/packing.py); its
+# presence in a dataset is what tells the trainer the rows are packed.
+PACKED_COLUMN = "actual_seq_len"
+# A batch is a dict of these columns (all int32; input_ids and labels [batch, seq_length + 1],
+# actual_seq_len [batch, K] when the rows are packed). The model's `loss_terms` takes them in
+# this order under the same names; a dataset without `labels` (pretraining text) learns every
+# token.
+BATCH_COLUMNS = ("input_ids", "labels", PACKED_COLUMN)
 BATCH_DTYPES = {name: np.int32 for name in BATCH_COLUMNS}
 
 DATASET_TYPES = ("qa", "wiki")
@@ -25,11 +29,16 @@ COLUMNS = {"qa": ("input_ids", "labels"), "wiki": ("input_ids",)}
 MINDRECORD_NAME = re.compile(r".*mindrecord\d*$")
 
 
-def mindrecord_schema(dataset_type):
-    """FileWriter schema for a dataset type: int32 token columns of variable length."""
+def columns(dataset_type, packed=False):
+    """The columns of a dataset type's records, the boundary column last when packed."""
     if dataset_type not in COLUMNS:
         raise DataError(f"dataset_type {dataset_type!r} is not one of {', '.join(DATASET_TYPES)}")
-    return {name: {"type": "int32", "shape": [-1]} for name in COLUMNS[dataset_type]}
+    return COLUMNS[dataset_type] + ((PACKED_COLUMN,) if packed else ())
+
+
+def mindrecord_schema(dataset_type, packed=False):
+    """FileWriter schema for a dataset type: int32 columns of variable length."""
+    return {name: {"type": "int32", "shape": [-1]} for name in columns(dataset_type, packed)}
 
 
 def record_length(seq_length):

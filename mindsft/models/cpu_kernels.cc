@@ -7,6 +7,10 @@
 // grouped (query head h reads key/value head h / (H / Hkv)).
 //   Forward:  q [B,H,S,D], k [B,Hkv,S,D], v [B,Hkv,S,D] -> out [B,H,S,D], lse [B,H,S]
 //   Backward: q, k, v, out, lse, dout -> dq [B,H,S,D], dk [B,Hkv,S,D], dv [B,Hkv,S,D]
+// Packed rows (PackedAttention*) take one more input after v, ends [B,K] int32: the cumulative end
+// offset of each sample in the row (actual_seq_len). A query attends only to keys of its own
+// sample, and a block of queries starts its keys at its first row's sample start, so the cost
+// follows the sum of squared sample lengths, not the square of the row.
 //
 // Cross-entropy per row of logits (see CrossEntropyForward / CrossEntropyBackward).
 #include <algorithm>
@@ -112,12 +116,32 @@ void columns_times_rows(const float *w, int64_t rows, int64_t stride, const floa
   }
 }
 
+// Boundaries of packed rows: ends [batch, count] (nullptr: one sample per row).
+struct Ends {
+  const int32_t *ends = nullptr;
+  int64_t count = 0;
+};
+
+// start[i] = first position of the sample holding position i in row b (the largest end <= i).
+std::vector<int64_t> sample_starts(const Ends &e, int64_t b, int64_t seq) {
+  std::vector<int64_t> start(seq, 0);
+  if (e.ends == nullptr) return start;
+  const int32_t *row = e.ends + b * e.count;
+  int64_t current = 0, next = 0;
+  for (int64_t i = 0; i < seq; i++) {
+    while (next < e.count && row[next] <= i) current = std::max<int64_t>(current, row[next++]);
+    start[i] = current;
+  }
+  return start;
+}
+
 template <int64_t D>
-void forward(const Dims &n, const float *q, const float *k, const float *v, float *out, float *lse) {
+void forward(const Dims &n, const Ends &e, const float *q, const float *k, const float *v, float *out, float *lse) {
   const int64_t rep = n.heads / n.kv_heads, S = n.seq;
   const int64_t padded = (S + LANES - 1) / LANES * LANES;
   parallel_for(n.batch * n.kv_heads, [&](int64_t task) {
     const int64_t b = task / n.kv_heads, g = task % n.kv_heads;
+    const std::vector<int64_t> start = sample_starts(e, b, S);
     const float *kb = k + (b * n.kv_heads + g) * S * D;
     const float *vb = v + (b * n.kv_heads + g) * S * D;
     std::vector<float> kt(D * padded, 0.0f), p(ROWS * padded);
@@ -130,31 +154,34 @@ void forward(const Dims &n, const float *q, const float *k, const float *v, floa
       for (int64_t i0 = 0; i0 < S; i0 += ROWS) {
         const int64_t rows = std::min(ROWS, S - i0);
         const int64_t width = std::min(padded, (i0 + rows + LANES - 1) / LANES * LANES);
-        rows_times_columns(qh + i0 * D, rows, kt.data(), p.data(), width, padded, D);
+        // Keys from the block's first sample start (rounded down to a vector edge); starts only grow.
+        const int64_t c0 = start[i0] / LANES * LANES;
+        rows_times_columns(qh + i0 * D, rows, kt.data() + c0, p.data() + c0, width - c0, padded, D);
         for (int64_t row = 0; row < rows; row++) {
-          const int64_t i = i0 + row;
+          const int64_t i = i0 + row, s = start[i];
           float *pr = p.data() + row * padded;
-          float top = pr[0];
-          for (int64_t j = 1; j <= i; j++) top = std::max(top, pr[j]);
+          float top = pr[s];
+          for (int64_t j = s + 1; j <= i; j++) top = std::max(top, pr[j]);
           float total = 0.0f;
-          for (int64_t j = 0; j <= i; j++) {
+          for (int64_t j = s; j <= i; j++) {
             pr[j] = std::exp(pr[j] - top);
             total += pr[j];
           }
           const float inverse = 1.0f / total;
-          for (int64_t j = 0; j <= i; j++) pr[j] *= inverse;
+          for (int64_t j = s; j <= i; j++) pr[j] *= inverse;
+          std::fill(pr + c0, pr + s, 0.0f);
           std::fill(pr + i + 1, pr + width, 0.0f);
           lh[i] = top + std::log(total);
         }
-        weights_times_rows<D>(p.data(), rows, padded, vb, std::min(width, S), oh + i0 * D);
+        weights_times_rows<D>(p.data() + c0, rows, padded, vb + c0 * D, std::min(width, S) - c0, oh + i0 * D);
       }
     }
   });
 }
 
 template <int64_t D>
-void backward(const Dims &n, const float *q, const float *k, const float *v, const float *out, const float *lse,
-              const float *dout, float *dq, float *dk, float *dv) {
+void backward(const Dims &n, const Ends &e, const float *q, const float *k, const float *v, const float *out,
+              const float *lse, const float *dout, float *dq, float *dk, float *dv) {
   const int64_t rep = n.heads / n.kv_heads, S = n.seq;
   const int64_t padded = (S + LANES - 1) / LANES * LANES;
   // One task per key/value head: the query heads sharing it add into its dk/dv without races.
@@ -163,6 +190,7 @@ void backward(const Dims &n, const float *q, const float *k, const float *v, con
     const int64_t kv_offset = (b * n.kv_heads + g) * S * D;
     const float *kb = k + kv_offset, *vb = v + kv_offset;
     float *dkb = dk + kv_offset, *dvb = dv + kv_offset;
+    const std::vector<int64_t> start = sample_starts(e, b, S);
     std::fill(dkb, dkb + S * D, 0.0f);
     std::fill(dvb, dvb + S * D, 0.0f);
     std::vector<float> kt(D * padded, 0.0f), vt(D * padded, 0.0f), p(ROWS * padded), ds(ROWS * padded);
@@ -177,25 +205,28 @@ void backward(const Dims &n, const float *q, const float *k, const float *v, con
       for (int64_t i0 = 0; i0 < S; i0 += ROWS) {
         const int64_t rows = std::min(ROWS, S - i0);
         const int64_t width = std::min(padded, (i0 + rows + LANES - 1) / LANES * LANES);
-        rows_times_columns(qh + i0 * D, rows, kt.data(), p.data(), width, padded, D);
-        rows_times_columns(doh + i0 * D, rows, vt.data(), ds.data(), width, padded, D);
+        const int64_t c0 = start[i0] / LANES * LANES;
+        rows_times_columns(qh + i0 * D, rows, kt.data() + c0, p.data() + c0, width - c0, padded, D);
+        rows_times_columns(doh + i0 * D, rows, vt.data() + c0, ds.data() + c0, width - c0, padded, D);
         for (int64_t row = 0; row < rows; row++) {
-          const int64_t i = i0 + row;
+          const int64_t i = i0 + row, s = start[i];
           float *pr = p.data() + row * padded, *dsr = ds.data() + row * padded;
           const float *doi = doh + i * D, *oi = oh + i * D;
           float dot = 0.0f;  // sum_d dout_i * out_i = sum_j p_ij * dp_ij
           for (int64_t d = 0; d < D; d++) dot += doi[d] * oi[d];
-          for (int64_t j = 0; j <= i; j++) {
+          for (int64_t j = s; j <= i; j++) {
             pr[j] = std::exp(pr[j] - lh[i]);
             dsr[j] = pr[j] * (dsr[j] - dot);
           }
+          std::fill(pr + c0, pr + s, 0.0f);
+          std::fill(dsr + c0, dsr + s, 0.0f);
           std::fill(pr + i + 1, pr + width, 0.0f);
           std::fill(dsr + i + 1, dsr + width, 0.0f);
         }
-        const int64_t keys = std::min(width, S);
-        weights_times_rows<D>(ds.data(), rows, padded, kb, keys, dqh + i0 * D);
-        columns_times_rows<D>(ds.data(), rows, padded, qh + i0 * D, keys, dkb);
-        columns_times_rows<D>(p.data(), rows, padded, doh + i0 * D, keys, dvb);
+        const int64_t keys = std::min(width, S) - c0;
+        weights_times_rows<D>(ds.data() + c0, rows, padded, kb + c0 * D, keys, dqh + i0 * D);
+        columns_times_rows<D>(ds.data() + c0, rows, padded, qh + i0 * D, keys, dkb + c0 * D);
+        columns_times_rows<D>(p.data() + c0, rows, padded, doh + i0 * D, keys, dvb + c0 * D);
       }
     }
   });
@@ -216,7 +247,7 @@ extern "C" int CausalAttentionForward(int nparam, void **params, int *ndims, int
   float *lse = static_cast<float *>(params[4]);
 #define MINDSFT_FORWARD(DIM) \
   if (n.dim == DIM) {        \
-    forward<DIM>(n, q, k, v, out, lse); \
+    forward<DIM>(n, Ends{}, q, k, v, out, lse); \
     return 0;                \
   }
   MINDSFT_HEAD_DIMS(MINDSFT_FORWARD)
@@ -235,11 +266,52 @@ extern "C" int CausalAttentionBackward(int nparam, void **params, int *ndims, in
   const float *dout = static_cast<const float *>(params[5]);
 #define MINDSFT_BACKWARD(DIM) \
   if (n.dim == DIM) {         \
-    backward<DIM>(n, q, k, v, out, lse, dout, static_cast<float *>(params[6]), static_cast<float *>(params[7]), \
-                  static_cast<float *>(params[8]));                                                         \
+    backward<DIM>(n, Ends{}, q, k, v, out, lse, dout, static_cast<float *>(params[6]),                      \
+                  static_cast<float *>(params[7]), static_cast<float *>(params[8]));                        \
     return 0;                 \
   }
   MINDSFT_HEAD_DIMS(MINDSFT_BACKWARD)
+  return 2;
+}
+
+extern "C" int PackedAttentionForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                      void *stream, void *extra) {
+  if (nparam != 6) return 1;
+  const Dims n = dims_of(shapes);
+  const Ends e{static_cast<const int32_t *>(params[3]), shapes[3][1]};
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[4]);
+  float *lse = static_cast<float *>(params[5]);
+#define MINDSFT_PACKED_FORWARD(DIM) \
+  if (n.dim == DIM) {               \
+    forward<DIM>(n, e, q, k, v, out, lse); \
+    return 0;                       \
+  }
+  MINDSFT_HEAD_DIMS(MINDSFT_PACKED_FORWARD)
+  return 2;
+}
+
+// Inputs q, k, v, ends, out, lse, dout; outputs dq, dk, dv.
+extern "C" int PackedAttentionBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                       void *stream, void *extra) {
+  if (nparam != 10) return 1;
+  const Dims n = dims_of(shapes);
+  const Ends e{static_cast<const int32_t *>(params[3]), shapes[3][1]};
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  const float *out = static_cast<const float *>(params[4]);
+  const float *lse = static_cast<const float *>(params[5]);
+  const float *dout = static_cast<const float *>(params[6]);
+#define MINDSFT_PACKED_BACKWARD(DIM) \
+  if (n.dim == DIM) {                \
+    backward<DIM>(n, e, q, k, v, out, lse, dout, static_cast<float *>(params[7]),                           \
+                  static_cast<float *>(params[8]), static_cast<float *>(params[9]));                        \
+    return 0;                        \
+  }
+  MINDSFT_HEAD_DIMS(MINDSFT_PACKED_BACKWARD)
   return 2;
 }
 

@@ -113,6 +113,27 @@ def causal_attention(head_dim):
     return _OPS["attention"]
 
 
+def packed_attention(head_dim):
+    """Like `causal_attention`, with one more input ends [B, K] int32 (the samples' cumulative end
+    offsets in each row, `actual_seq_len`): each query attends only within its own sample."""
+    path = _kernel_library() if head_dim in HEAD_DIMS else None
+    if path is None:
+        return None
+    if "packed_attention" not in _OPS:
+        from mindspore import ops
+        backward = ops.Custom(f"{path}:PackedAttentionBackward", func_type="aot",
+                              out_shape=lambda q, k, v, ends, out, lse, dout: (q, k, v),
+                              out_dtype=lambda q, k, v, ends, out, lse, dout: (q, k, v))
+
+        def bprop(q, k, v, ends, out, dout):
+            return backward(q, k, v, ends, out[0], out[1], dout[0]) + (ops.zeros_like(ends),)
+
+        _OPS["packed_attention"] = ops.Custom(f"{path}:PackedAttentionForward", func_type="aot", bprop=bprop,
+                                              out_shape=lambda q, k, v, ends: (q, q[:3]),
+                                              out_dtype=lambda q, k, v, ends: (q, q))
+    return _OPS["packed_attention"]
+
+
 def cross_entropy():
     """The op (logits [N, V] fp32, targets [N] int32) -> (loss [N], lse [N]); a negative target
     is not learned (loss 0, no gradient). None where it does not apply."""

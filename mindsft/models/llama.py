@@ -12,7 +12,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, One, initializer
 
 from mindsft.models.config import LlamaConfig  # noqa: F401 - the one config the network is built from
-from mindsft.models.cpu_kernels import causal_attention, cross_entropy
+from mindsft.models.cpu_kernels import causal_attention, cross_entropy, packed_attention
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -56,6 +56,20 @@ def attention_probs(scores):
     """Softmax over the last axis, as exp(log_softmax): the same values to rounding, and on
     MindSpore's CPU backend its backward measured ~30% faster on [32, 512, 512] scores."""
     return ops.exp(ops.log_softmax(scores, -1))
+
+
+def packed_segments(actual_seq_len, seq):
+    """(sample index, first position of that sample), each [B, S] int32, of every position of
+    packed rows whose samples end at the cumulative offsets actual_seq_len [B, K]; positions
+    past the last offset form one more sample (the padding)."""
+    batch, count = actual_seq_len.shape
+    # Full shapes, not [1, ...] broadcasts: graph-mode compile on CPU trips over those.
+    ends = ops.broadcast_to(actual_seq_len.astype(ms.int32).reshape(batch, count, 1), (batch, count, seq))
+    positions = ops.broadcast_to(ops.arange(0, seq, dtype=ms.int32).reshape(1, 1, seq), (batch, count, seq))
+    passed = ends <= positions
+    sample = passed.astype(ms.int32).sum(1).astype(ms.int32)
+    start = ops.amax(ops.select(passed, ends, ops.zeros_like(ends)), 1)
+    return sample, start
 
 
 class Linear(nn.Cell):
@@ -121,6 +135,10 @@ class Attention(nn.Cell):
         self.wo = Linear(q_size, config.hidden_size, config)
         # The fused causal kernel (CPU, fp32); None elsewhere, and then MindSpore's own ops run.
         self.fused_causal = causal_attention(config.head_dim) if self.compute_dtype == ms.float32 else None
+        # Its packed-row form. On Ascend the same offsets would go to FlashAttentionScore's
+        # actual_seq_qlen/kvlen (TND layout); that is not built (it cannot run here), and the
+        # additive block-diagonal mask below serves every device.
+        self.fused_packed = packed_attention(config.head_dim) if self.fused_causal is not None else None
 
     def rotated_qkv(self, x, cos, sin):
         """Queries (rotated, pre-scaled by 1/sqrt(head_dim)), keys (rotated), values: [B, heads, S, head_dim]."""
@@ -132,13 +150,17 @@ class Attention(nn.Cell):
         sin = ops.expand_dims(sin, 1)
         return apply_rotary(q, cos, sin) * self.scale, apply_rotary(k, cos, sin), v
 
-    def construct(self, x, cos, sin, mask):
+    def construct(self, x, cos, sin, mask, seq_ends=None):
         """x [B, S, hidden]; cos/sin [B, S, head_dim]; mask additive [B, 1, S, S] in float32, or
-        None for plain causal attention through the fused kernel."""
+        None for causal attention through the fused kernel, within each packed sample when
+        seq_ends [B, K] (actual_seq_len) is given."""
         batch, seq = x.shape[0], x.shape[1]
         q, k, v = self.rotated_qkv(x, cos, sin)
         if mask is None:
-            out, _ = self.fused_causal(q, k, v)
+            if seq_ends is None:
+                out, _ = self.fused_causal(q, k, v)
+            else:
+                out, _ = self.fused_packed(q, k, v, seq_ends.astype(ms.int32))
             return self.wo(out.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.head_dim))
         if self.n_rep > 1:
             k = ops.repeat_interleave(k, self.n_rep, 1)
@@ -192,8 +214,8 @@ class DecoderLayer(nn.Cell):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
         self.feed_forward = FeedForward(config)
 
-    def construct(self, x, cos, sin, mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def construct(self, x, cos, sin, mask, seq_ends=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, seq_ends)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def construct_cached(self, x, cos, sin, mask, write_weight, keep_weight, key_cache, value_cache):
@@ -220,16 +242,23 @@ class LlamaModel(nn.Cell):
         emb = ops.cat((freqs, freqs), -1)
         return ops.cos(emb).astype(self.compute_dtype), ops.sin(emb).astype(self.compute_dtype)
 
-    def construct(self, input_ids, attention_mask=None):
+    def construct(self, input_ids, attention_mask=None, actual_seq_len=None):
         """input_ids [B, S] int32 → final hidden states [B, S, hidden].
 
         attention_mask [B, S] (1 = token, 0 = padding), optional: with it, positions count only
         real tokens and padding is never attended, so a left-padded prompt computes what it
-        would alone.
+        would alone. actual_seq_len [B, K], optional: packed rows, each sample computed as if
+        alone (attention within it, positions from 0).
         """
         batch, seq = input_ids.shape
         causal = ops.tril(ops.ones((seq, seq), ms.bool_))
-        if attention_mask is None:
+        if actual_seq_len is not None:
+            sample, start = packed_segments(actual_seq_len, seq)
+            position_ids = ops.broadcast_to(ops.arange(0, seq, dtype=ms.int32).reshape(1, seq), (batch, seq)) - start
+            same_sample = sample.reshape(batch, seq, 1) == sample.reshape(batch, 1, seq)
+            allowed = ops.logical_and(ops.broadcast_to(causal.reshape(1, 1, seq, seq), (batch, 1, seq, seq)),
+                                      same_sample.reshape(batch, 1, seq, seq))
+        elif attention_mask is None:
             # One row of positions and one [S, S] mask, broadcast over the batch in the ops that use them.
             position_ids = ops.broadcast_to(ops.arange(0, seq, dtype=ms.int32).reshape(1, seq), (batch, seq))
             allowed = ops.broadcast_to(causal.reshape(1, 1, seq, seq), (batch, 1, seq, seq))
@@ -245,7 +274,7 @@ class LlamaModel(nn.Cell):
         cos, sin = self.rotary_tables(position_ids)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+            h = layer(h, cos, sin, mask, actual_seq_len)
         return self.norm_out(h)
 
     def construct_cached(self, input_ids, position_ids, cache_mask, query_slots, caches):
@@ -306,12 +335,19 @@ class LlamaForCausalLM(nn.Cell):
             logits = self.lm_head(hidden)
         return logits.astype(ms.float32)
 
-    def loss_terms(self, input_ids, labels, attention_mask=None):
+    def loss_terms(self, input_ids, labels, actual_seq_len=None, attention_mask=None):
         """(sum of token cross-entropies, count of learned tokens): the trainer divides by the
-        count over the whole global batch so that splitting the batch changes nothing."""
-        hidden = self.model(input_ids, attention_mask)
+        count over the whole global batch so that splitting the batch changes nothing.
+
+        In packed rows (actual_seq_len) a sample's last token is not trained to predict the
+        next sample's first token."""
+        hidden = self.model(input_ids, attention_mask, actual_seq_len)
         logits = self.logits_from_hidden(hidden[:, :-1])
-        return causal_lm_loss_terms(logits, labels[:, 1:], self.ignore_index, self.fused_cross_entropy)
+        targets = labels[:, 1:]
+        if actual_seq_len is not None:
+            sample, _ = packed_segments(actual_seq_len, input_ids.shape[1])
+            targets = ops.select(sample[:, 1:] == sample[:, :-1], targets, ops.full_like(targets, self.ignore_index))
+        return causal_lm_loss_terms(logits, targets, self.ignore_index, self.fused_cross_entropy)
 
     def forward_cached(self, input_ids, position_ids, cache_mask, query_slots, caches):
         """Logits [B, vocab] of the last new token and the updated caches (see
@@ -325,10 +361,10 @@ class LlamaForCausalLM(nn.Cell):
         shape = (batch, config.n_kv_heads, cache_length, config.head_dim)
         return tuple(ops.zeros(shape, self.compute_dtype) for _ in range(2 * config.num_layers))
 
-    def construct(self, input_ids, labels=None, attention_mask=None):
+    def construct(self, input_ids, labels=None, attention_mask=None, actual_seq_len=None):
         if labels is None:
-            return self.logits_from_hidden(self.model(input_ids, attention_mask))
-        loss_sum, count = self.loss_terms(input_ids, labels, attention_mask)
+            return self.logits_from_hidden(self.model(input_ids, attention_mask, actual_seq_len))
+        loss_sum, count = self.loss_terms(input_ids, labels, actual_seq_len, attention_mask)
         return loss_sum / ops.maximum(count, 1.0)
 
 

@@ -6,12 +6,17 @@ rank r takes its `batch_size` samples at offset (k*dp + r)*batch_size. So the se
 an optimizer step does not depend on how many ranks or micro-steps share it, and resuming at
 step s reads exactly what an uninterrupted run would have read.
 
-A micro-batch is a dict of the named columns of `mindsft.data.schema.BATCH_COLUMNS`.
+A micro-batch is a dict of the named columns of `mindsft.data.schema.BATCH_COLUMNS`. Packed
+rows (an `actual_seq_len` column) come with their boundaries padded to the dataset's largest
+count of samples in a row (repeating the row length), so every batch has one shape. Unpacked
+rows can be cut to their batch's longest learned position rounded up to a multiple
+(`pad_to_multiple_of`): a few shapes, each compiled once, instead of always the full row.
 """
 import numpy as np
 import mindspore.dataset as ds
 
-from mindsft.data.schema import BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, mindrecord_files, record_length
+from mindsft.data.schema import (BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, PACKED_COLUMN, mindrecord_files,
+                                  record_length)
 from mindsft.data.split import recorded_eval_dataset_dir
 from mindsft.errors import DataError
 
@@ -27,16 +32,16 @@ def build_data(config, dataset, rank, world_size, train=True):
         data_parallel=world_size, rank=rank,
         accumulation_steps=config.runner_config.gradient_accumulation_steps if train else 1,
         shuffle=dataset.data_loader.shuffle if train else False, seed=config.seed,
-        drop_remainder=dataset.drop_remainder if train else False, what="train_dataset" if train else "eval_dataset",
-        input_columns=dataset.input_columns)
+        drop_remainder=dataset.drop_remainder if train else False, pad_to_multiple_of=dataset.pad_to_multiple_of,
+        what="train_dataset" if train else "eval_dataset", input_columns=dataset.input_columns)
 
 
 class ShardedBatches:
     """Micro-batches of one rank, in the global order above. Reads only this rank's records."""
 
     def __init__(self, dataset_dir, seq_length, batch_size, data_parallel=1, rank=0,
-                 accumulation_steps=1, shuffle=True, seed=0, drop_remainder=True, what="train_dataset",
-                 input_columns=BATCH_COLUMNS):
+                 accumulation_steps=1, shuffle=True, seed=0, drop_remainder=True, pad_to_multiple_of=0,
+                 what="train_dataset", input_columns=BATCH_COLUMNS):
         if not dataset_dir:
             raise DataError(f"{what}.data_loader.dataset_dir is not set (give --{what}_dir)")
         try:
@@ -52,7 +57,10 @@ class ShardedBatches:
                             f"({', '.join(BATCH_COLUMNS)})")
         # As MindFormers: the columns read are the YAML's input_columns that the records hold, so a
         # pretraining config (input_ids only) learns every token of qa records too.
-        self.columns = [c for c in BATCH_COLUMNS if c in input_columns and c in probe.get_col_names()]
+        # Sample boundaries are read whenever the records hold them, listed or not: packed rows
+        # computed without them would mix their samples.
+        self.columns = [c for c in BATCH_COLUMNS if (c in input_columns or c == PACKED_COLUMN)
+                        and c in probe.get_col_names()]
         if "input_ids" not in self.columns:
             raise DataError(f"{dataset_dir}: records have no 'input_ids' column (columns: {probe.get_col_names()})")
         if self.num_records == 0:
@@ -62,6 +70,11 @@ class ShardedBatches:
         if self.record_length != record_length(seq_length):
             raise DataError(f"{dataset_dir}: records hold {self.record_length} tokens but model seq_length "
                             f"{seq_length} needs {record_length(seq_length)} (seq_length + 1)")
+        self.packed = PACKED_COLUMN in self.columns
+        self.boundary_count = boundary_count(self.files, self.record_length) if self.packed else 0
+        # Packed rows are full already; cutting them would only add shapes.
+        self.pad_to_multiple_of = 0 if self.packed else (pad_to_multiple_of or 0)
+        self.lengths_seen = set()
         self.batch_size, self.data_parallel, self.rank = batch_size, data_parallel, rank
         self.accumulation_steps = accumulation_steps
         self.global_batch = batch_size * data_parallel * accumulation_steps
@@ -102,16 +115,34 @@ class ShardedBatches:
         if indices.size == 0:
             return
         flat = indices.reshape(-1)
-        padding = flat < 0
-        # Padding slots (drop_remainder False) read record 0 and learn nothing from it.
+        # Padding slots (drop_remainder False, at the end of the order, so at the end of each
+        # rank's slice) repeat a row read and learn nothing. They are added here, not read:
+        # SubsetSampler refuses more indices than the dataset holds.
+        real = flat[flat >= 0]
         reader = ds.MindDataset(self.files, columns_list=self.columns,
-                                sampler=ds.SubsetSampler(np.where(padding, 0, flat).tolist()), shuffle=None)
-        reader = reader.batch(self.batch_size)
+                                sampler=ds.SubsetSampler(real.tolist() if real.size else [0]), shuffle=None)
+        if self.packed:
+            reader = reader.padded_batch(self.batch_size,
+                                         pad_info={PACKED_COLUMN: ([self.boundary_count], self.record_length)})
+        else:
+            reader = reader.batch(self.batch_size)
+        read = (learned_batch(row) for row in reader.create_dict_iterator(num_epochs=1, output_numpy=True))
         micro = []
-        padding = padding.reshape(-1, self.batch_size)
-        for number, row in enumerate(reader.create_dict_iterator(num_epochs=1, output_numpy=True)):
-            batch = learned_batch(row)
-            batch["labels"][padding[number]] = IGNORE_INDEX
+        template = None  # a row read, learning nothing: what padding slots hold
+        for _ in range(flat.size // self.batch_size):
+            batch = next(read, None)
+            if batch is not None and template is None:
+                template = padding_rows(batch, 1)
+            if not real.size:  # this rank's slice is all padding; the one row read stands in
+                batch = None
+            if batch is None:
+                batch = padding_rows(template, self.batch_size)
+            elif len(batch["input_ids"]) < self.batch_size:
+                fill = padding_rows(template, self.batch_size - len(batch["input_ids"]))
+                batch = {name: np.concatenate([column, fill[name]]) for name, column in batch.items()}
+            if self.pad_to_multiple_of:
+                batch = cut_to_learned(batch, self.pad_to_multiple_of)
+            self.lengths_seen.add(batch["input_ids"].shape[1])
             micro.append(batch)
             if len(micro) == self.accumulation_steps:
                 yield micro
@@ -121,6 +152,13 @@ class ShardedBatches:
         """Every micro-batch of this rank in one epoch, one after another (evaluation)."""
         for micro_batches in self.epoch(epoch):
             yield from micro_batches
+
+
+def padding_rows(batch, count):
+    """A batch's first row with nothing learned, `count` times."""
+    first = {name: column[:1] for name, column in batch.items()}
+    first["labels"] = np.full_like(first["labels"], IGNORE_INDEX)
+    return {name: np.repeat(column, count, 0) for name, column in first.items()}
 
 
 def learned_batch(columns):
@@ -133,3 +171,27 @@ def learned_batch(columns):
     batch = {name: np.asarray(columns[name], BATCH_DTYPES[name]) for name in BATCH_COLUMNS if name in columns}
     batch["labels"] = batch["labels"].copy() if "labels" in batch else batch["input_ids"].copy()
     return batch
+
+
+def cut_to_learned(batch, multiple):
+    """The batch cut after its last learned target, rounded up to `multiple` tokens (never past
+    the row): a position only sees those before it, so what is cut changes no loss."""
+    learned = (batch["labels"] != IGNORE_INDEX).any(0)
+    last = int(np.nonzero(learned)[0].max()) + 1 if learned.any() else 1
+    length = min(batch["input_ids"].shape[1], -(-last // multiple) * multiple)
+    return {name: column[:, :length] for name, column in batch.items()}
+
+
+def boundary_count(files, row_length):
+    """The most samples in one packed row (boundaries per row), after checking every row's
+    boundaries: increasing offsets within the row."""
+    reader = ds.MindDataset(files, columns_list=[PACKED_COLUMN], shuffle=False)
+    most = 0
+    for index, row in enumerate(reader.create_tuple_iterator(num_epochs=1, output_numpy=True)):
+        ends = np.asarray(row[0]).reshape(-1)
+        if ends.size == 0 or ends[0] < 1 or ends[-1] > row_length or (ends.size > 1 and (np.diff(ends) <= 0).any()):
+            raise DataError(f"{files[0]}{' (and other shards)' if len(files) > 1 else ''}: record {index}: "
+                            f"{PACKED_COLUMN} {ends.tolist()} is not increasing offsets within the row of "
+                            f"{row_length} tokens")
+        most = max(most, ends.size)
+    return most

@@ -126,6 +126,9 @@ def train(config):
                 scores = generation_eval() if generation_eval is not None else {}
                 monitor.log_eval(state["global_step"], eval_loss, perplexity, scores)
     monitor.close()
+    if is_main and data.pad_to_multiple_of:
+        print(f"bucketed batches: the step was compiled for {len(data.lengths_seen)} lengths "
+              f"{sorted(data.lengths_seen)} (pad_to_multiple_of {data.pad_to_multiple_of})")
     if checkpoint_settings and state["global_step"] % checkpoint_settings.save_checkpoint_steps != 0:
         save_state(config, checkpoint_dir, rank, model, optimizer, state, config.runner_config.epochs - 1,
                    data.steps_per_epoch)
