@@ -22,6 +22,6 @@ setup(
         # The references our tests compare against; torch pinned to the CPU build.
         "test": ["pytest", "torch==2.13.0", "transformers==5.23.0", "peft==0.21.2",
                  "nltk==3.10.4", "rouge-chinese==1.0.3",
-                 "bitsandbytes==0.50.2"],  # QLoRA parity: runs on the CPU since 0.49,
+                 "bitsandbytes==0.50.2"],  # QLoRA parity; its CPU backend is what quant.py matches
     },
 )
