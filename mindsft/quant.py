@@ -160,6 +160,16 @@ def _sorted_code(quant_type):
     return midpoints, order
 
 
+# Values coded per pass: bounds the temporaries (float32 copies, int64 indices) to a few tens of MB.
+_CHUNK_VALUES = 1 << 20
+
+
+def _codes_4bit(scaled, quant_type):
+    """uint8 code index of each scaled value: torch.bucketize over the sorted code's midpoints."""
+    midpoints, order = _sorted_code(quant_type)
+    return order[np.searchsorted(midpoints, scaled, side="left")].astype(np.uint8)
+
+
 def quantize_4bit(weight, quant_type="nf4", double_quant=False, blocksize=BLOCK_SIZE):
     """bitsandbytes' `quantize_4bit(weight, blocksize, compress_statistics=double_quant, quant_type)`."""
     if quant_type not in QUANT_TYPES:
@@ -169,18 +179,21 @@ def quantize_4bit(weight, quant_type="nf4", double_quant=False, blocksize=BLOCK_
     n = flat.size
     full = n - n % blocksize
     absmax = _block_absmax(flat, blocksize)
-    # As bitsandbytes: full blocks are multiplied by 1/absmax, a short last block divided by it.
     tiny = np.float32(1e-38)
-    inverse = (np.float32(1.0) / np.maximum(absmax[:full // blocksize], tiny)).astype(np.float32)
-    scaled = np.empty(n + n % 2, np.float32)
-    scaled[:full] = np.clip(flat[:full].reshape(-1, blocksize) * inverse[:, None], -1, 1).reshape(-1)
+    packed = np.empty((n + 1) // 2, np.uint8)
+    chunk = max(blocksize, _CHUNK_VALUES - _CHUNK_VALUES % blocksize)
+    for start in range(0, full, chunk):
+        stop = min(start + chunk, full)
+        # As bitsandbytes: full blocks are multiplied by 1/absmax, a short last block divided by it.
+        inverse = (np.float32(1.0) / np.maximum(absmax[start // blocksize:stop // blocksize], tiny)).astype(np.float32)
+        scaled = np.clip(flat[start:stop].reshape(-1, blocksize) * inverse[:, None], -1, 1).reshape(-1)
+        codes = _codes_4bit(scaled, quant_type)
+        packed[start // 2:stop // 2] = (codes[0::2] << 4) | codes[1::2]
     if full < n:
-        scaled[full:n] = np.clip(flat[full:] / np.maximum(absmax[-1], tiny), -1, 1)
-    scaled[n:] = 0.0
-    midpoints, order = _sorted_code(quant_type)
-    # torch.bucketize(right=False): the first midpoint >= x.
-    indices = order[np.searchsorted(midpoints, scaled, side="left")].astype(np.uint8)
-    packed = (indices[0::2] << 4) | indices[1::2]
+        scaled = np.zeros(n - full + (n - full) % 2, np.float32)
+        scaled[:n - full] = np.clip(flat[full:] / np.maximum(absmax[-1], tiny), -1, 1)
+        codes = _codes_4bit(scaled, quant_type)
+        packed[full // 2:] = (codes[0::2] << 4) | codes[1::2]
     result = Quantized4bit(packed=packed, absmax=absmax, shape=tuple(weight.shape), quant_type=quant_type,
                            blocksize=blocksize)
     if double_quant:

@@ -9,8 +9,9 @@ import bitsandbytes.functional as bnb_functional  # noqa: E402
 
 from mindsft import quant  # noqa: E402
 
-# Odd sizes on purpose: a short last 64-block, an odd element count, more than one 256-block of absmax.
-SHAPES = [(96, 200), (33, 35), (257, 64), (384, 704)]
+# Odd sizes on purpose: a short last 64-block, an odd element count, more than one 256-block of
+# absmax, more values than quant.py codes in one pass.
+SHAPES = [(96, 200), (33, 35), (257, 64), (384, 704), (1031, 1090)]
 
 
 def weight_of(shape, seed=0):
