@@ -228,6 +228,11 @@ class RunConfig:
     lora_alpha: Optional[float] = None
     lora_dropout: Optional[float] = None
     lora_target: Optional[Any] = None
+    # QLoRA: LLaMA-Factory spellings; the base is quantized while it loads (mindsft.qlora).
+    quantization_bit: Optional[int] = None
+    quantization_type: str = "nf4"
+    double_quantization: bool = True
+    quantization_method: str = "bitsandbytes"
     # Accepted MindFormers keys with no effect on a CPU/GPU run.
     trainer: Dict[str, Any] = dataclasses.field(default_factory=dict)
     train_dataset_task: Dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -472,7 +477,24 @@ def validate(config):
             raise ConfigError(f"parallel_config.{key} must be at least 1, got {getattr(config.parallel_config, key)}")
     if not config.model.model_config:
         raise ConfigError("model.model_config is empty: the model's shape must be given")
+    validate_quantization(config)
     config.llama_config  # noqa: B018 - raises ConfigError on a bad model_config now, not mid-run
+
+
+def validate_quantization(config):
+    if config.quantization_bit is None:
+        return
+    if config.quantization_bit not in (4, 8):
+        raise ConfigError(f"quantization_bit {config.quantization_bit} is not 4 or 8")
+    if config.quantization_type not in ("nf4", "fp4"):
+        raise ConfigError(f"quantization_type {config.quantization_type!r} is not nf4 or fp4"
+                          f"{nearest_hint(config.quantization_type, ('nf4', 'fp4'))}")
+    if config.quantization_method not in ("bitsandbytes", "bnb"):
+        raise ConfigError(f"quantization_method {config.quantization_method!r}: only bitsandbytes' formats are "
+                          "supported")
+    if not (config.pet_config or config.finetuning_type == "lora"):
+        raise ConfigError(f"quantization_bit {config.quantization_bit}: a quantized base is frozen, so only LoRA "
+                          "adapters can be trained on it; set finetuning_type: lora (or model.model_config.pet_config)")
 
 
 def load_yaml(path):

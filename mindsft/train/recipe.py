@@ -107,8 +107,13 @@ def setup_context(config):
 # ---------------------------------------------------------------------------- model and weights
 
 def build_model(config):
-    """The Llama of `model.model_config`, with LoRA adapters when pet_config / finetuning_type asks."""
-    model = LlamaForCausalLM(config.llama_config)
+    """The Llama of `model.model_config`, with LoRA adapters when pet_config / finetuning_type asks;
+    with quantization_bit, its base is quantized while it loads from load_checkpoint (QLoRA)."""
+    if config.quantization_bit:
+        from mindsft import qlora
+        model = qlora.build_quantized_base(config)
+    else:
+        model = LlamaForCausalLM(config.llama_config)
     if config.pet_config or config.finetuning_type == "lora":
         from mindsft import lora
         if config.pet_config:
@@ -198,9 +203,11 @@ def train(config):
     if config.do_eval:
         eval_data = build_data(config, config.eval_dataset, rank, world_size, train=False)
     model = build_model(config)
-    if config.load_checkpoint and not config.resume_training:
+    base_loaded = config.quantization_bit is not None  # a quantized base is read while it is built
+    if config.load_checkpoint and not config.resume_training and not base_loaded:
         load_weights(model, ckpt.find_weights_file(config.load_checkpoint, rank))
-    elif config.load_checkpoint and config.resume_training and not os.path.isdir(config.load_checkpoint):
+    elif config.load_checkpoint and config.resume_training and not os.path.isdir(config.load_checkpoint) \
+            and not base_loaded:
         load_weights(model, ckpt.find_weights_file(config.load_checkpoint, rank))
 
     params = model.trainable_params()
@@ -360,7 +367,8 @@ def evaluate(config):
     model = build_model(config)
     if not config.load_checkpoint:
         raise ConfigError("run_mode eval needs --load_checkpoint (the weights to evaluate)")
-    load_weights(model, ckpt.find_weights_file(config.load_checkpoint, rank))
+    if config.quantization_bit is None:
+        load_weights(model, ckpt.find_weights_file(config.load_checkpoint, rank))
     loss, perplexity = evaluate_loss(model, data, world_size)
     result = {"eval_loss": loss, "eval_perplexity": perplexity, "records": data.num_records}
     if rank == 0:
