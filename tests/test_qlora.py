@@ -68,6 +68,25 @@ def ours_from(hf_dir, quantization, adapter_dir):
     return model, report
 
 
+@pytest.mark.parametrize("kernels", ["fused", "mindspore_ops"])
+@pytest.mark.parametrize("case", CASES)
+def test_dequantized_weight_equals_bitsandbytes_dequantization_exactly(case, kernels, monkeypatch):
+    from mindsft import quant
+    from mindsft.models import cpu_kernels
+    from mindsft.models.quant_linear import quantized_linear
+    monkeypatch.setattr(cpu_kernels, "_OPS", {})
+    monkeypatch.setenv("MINDSFT_CPU_KERNELS", "1" if kernels == "fused" else "0")
+    quantization = CASES[case][0]
+    weight = (np.random.default_rng(0).standard_normal((33, 35)) * 0.05).astype(np.float32)  # a short last block
+    cell = quantized_linear(weight, quantization.bits, quantization.quant_type, quantization.double_quant)
+    assert cell.fused == (kernels == "fused")
+    if quantization.bits == 4:
+        expected = quant.dequantize_4bit(quant.quantize_4bit(weight, quantization.quant_type, quantization.double_quant))
+    else:
+        expected = quant.dequantize_int8_rows(quant.quantize_int8_rows(weight))
+    assert np.array_equal(cell.dequantize(ms.Tensor(np.zeros(1, np.float32))).asnumpy(), expected)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_logits_and_adapter_gradients_equal_peft_on_a_bitsandbytes_base(case, hf_dir, tmp_path):
     quantization, bnb_settings = CASES[case]

@@ -7,12 +7,15 @@ uint8 codes with `nested_absmax` and `offset` when double-quantized); 8-bit: `we
 `SCB` (float32 row absmax). The dequantized float32 weight lives only while its product runs:
 the backward pass dequantizes it again (a custom bprop) instead of keeping every layer's
 float32 weight from the forward pass, which would rebuild the full-precision model in memory.
+On the CPU one fused kernel (cpu_kernels.dequantize) does the dequantization, made to wait for
+the layer's input; elsewhere MindSpore's ops do it.
 """
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from mindsft import quant
+from mindsft.models import cpu_kernels
 
 
 def _frozen(array, name):
@@ -33,11 +36,12 @@ class QuantizedLinear(nn.Cell):
     def construct(self, x):
         out_shape = x.shape[:-1] + (self.out_features,)
         flat = ops.reshape(x.astype(self.compute_dtype), (-1, self.in_features))
-        y = self.matmul(flat, self.dequantized_weight().astype(self.compute_dtype))
+        y = self.matmul(flat, self.dequantize(flat).astype(self.compute_dtype))
         return ops.reshape(y, out_shape)
 
     def bprop(self, x, out, dout):
-        weight = self.dequantized_weight().astype(self.compute_dtype)
+        # Waits for dout: not merged with the forward pass's dequantization, nor run ahead of time.
+        weight = self.dequantize(dout).astype(self.compute_dtype)
         grad = self.matmul_plain(ops.reshape(dout.astype(self.compute_dtype), (-1, self.out_features)), weight)
         return (ops.reshape(grad, x.shape).astype(x.dtype),)
 
@@ -67,6 +71,10 @@ class Linear4bit(QuantizedLinear):
         # The two code values of every byte (high nibble, low nibble): one gather per byte.
         self.code_pairs = Tensor(np.stack([code[byte >> 4], code[byte & 0x0F]], axis=1).astype(np.float32))
         self.blocksize = blocksize
+        self.code = Tensor(code)
+        self.fused_dequantize = cpu_kernels.dequantize(
+            "Dequantize4bitNested" if self.double_quant else "Dequantize4bit", quantized.shape)
+        self.fused = self.fused_dequantize is not None
         if self.double_quant:
             nested_blocks = quantized.nested_absmax.size
             absmax = np.zeros(nested_blocks * quant.NESTED_BLOCK_SIZE, np.uint8)
@@ -86,7 +94,13 @@ class Linear4bit(QuantizedLinear):
             return scales.reshape(self.blocks, 1)
         return self.absmax
 
-    def dequantized_weight(self):
+    def dequantize(self, wait_for):
+        """The float32 [out, in] weight, computed once `wait_for` is (with the fused kernel)."""
+        if self.fused:
+            if self.double_quant:
+                return self.fused_dequantize(self.weight, self.absmax, self.nested_absmax, self.offset,
+                                             self.dynamic_code, self.code, wait_for)
+            return self.fused_dequantize(self.weight, self.absmax, self.code, wait_for)
         values = ops.gather(self.code_pairs, self.weight.astype(ms.int32), 0)
         weight = values.reshape(self.blocks, self.blocksize) * self.block_scales()
         if self.padded:
@@ -103,8 +117,12 @@ class Linear8bit(QuantizedLinear):
         super().__init__(in_features, out_features, compute_dtype)
         self.weight = _frozen(quantized.codes, "weight")
         self.SCB = _frozen(quantized.row_absmax.reshape(out_features, 1), "SCB")
+        self.fused_dequantize = cpu_kernels.dequantize("Dequantize8bit", quantized.shape)
+        self.fused = self.fused_dequantize is not None
 
-    def dequantized_weight(self):
+    def dequantize(self, wait_for):
+        if self.fused:
+            return self.fused_dequantize(self.weight, self.SCB, wait_for)
         # codes · (SCB · 1/127), the order bitsandbytes multiplies in.
         return self.weight.astype(ms.float32) * (self.SCB * (1.0 / 127.0))
 
