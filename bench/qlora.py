@@ -10,7 +10,6 @@ Example: python bench/qlora.py --layers 22 --steps 2    (--layers 4 for a quick 
 """
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
