@@ -24,6 +24,7 @@ setup(
         "test": ["pytest", "torch==2.13.0", "transformers==5.23.0", "peft==0.21.2",
                  "nltk==3.10.4", "rouge-chinese==1.0.3",
                  # The reference for dataset mixing and the validation split; pyarrow 25+ needs numpy 2.
-                 "datasets==5.2.0", "pyarrow==24.0.0"],
+                 "datasets==5.2.0", "pyarrow==24.0.0",
+                 "bitsandbytes==0.50.2"],  # QLoRA parity; its CPU backend is what quant.py matches
     },
 )

@@ -244,6 +244,11 @@ class RunConfig:
     lora_alpha: Optional[float] = None
     lora_dropout: Optional[float] = None
     lora_target: Optional[Any] = None
+    # QLoRA: LLaMA-Factory spellings; the base is quantized while it loads (mindsft.models.qlora).
+    quantization_bit: Optional[int] = None
+    quantization_type: str = "nf4"
+    double_quantization: bool = True
+    quantization_method: str = "bitsandbytes"
     # Accepted MindFormers keys with no effect on a CPU/GPU run.
     trainer: Dict[str, Any] = dataclasses.field(default_factory=dict)
     train_dataset_task: Dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -517,6 +522,23 @@ def validate(config):
                               f"{getattr(config, section).pad_to_multiple_of}")
     if not isinstance(config.model.model_config, dict):
         raise ConfigError("model.model_config must be a mapping of model settings")
+    validate_quantization(config)
+
+
+def validate_quantization(config):
+    if config.quantization_bit is None:
+        return
+    if config.quantization_bit not in (4, 8):
+        raise ConfigError(f"quantization_bit {config.quantization_bit} is not 4 or 8")
+    if config.quantization_type not in ("nf4", "fp4"):
+        raise ConfigError(f"quantization_type {config.quantization_type!r} is not nf4 or fp4"
+                          f"{nearest_hint(config.quantization_type, ('nf4', 'fp4'))}")
+    if config.quantization_method not in ("bitsandbytes", "bnb"):
+        raise ConfigError(f"quantization_method {config.quantization_method!r}: only bitsandbytes' formats are "
+                          "supported")
+    if not (config.pet_config or config.finetuning_type == "lora"):
+        raise ConfigError(f"quantization_bit {config.quantization_bit}: a quantized base is frozen, so only LoRA "
+                          "adapters can be trained on it; set finetuning_type: lora (or model.model_config.pet_config)")
 
 
 def load_yaml(path):

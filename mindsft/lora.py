@@ -17,6 +17,7 @@ from mindsft.lora_config import LORA_A, LORA_B, LoraConfig, is_adapter_name, mer
 from mindsft.models.families import family_of
 from mindsft.models.families.base import check_weights
 from mindsft.models.llama import DTYPES, Linear
+from mindsft.models.quant_linear import QuantizedLinear
 
 
 class LoraLinear(nn.Cell):
@@ -36,13 +37,37 @@ class LoraLinear(nn.Cell):
                                               name=LORA_B)
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
 
+    def base_product(self, x):
+        return self.matmul(x, self.weight.astype(self.compute_dtype))
+
     def construct(self, x):
         out_shape = x.shape[:-1] + (self.out_features,)
         x = ops.reshape(x.astype(self.compute_dtype), (-1, self.in_features))
-        y = self.matmul(x, self.weight.astype(self.compute_dtype))
+        y = self.base_product(x)
         low_rank = self.matmul(self.lora_dropout(x), self.mindpet_delta_lora_a.astype(self.compute_dtype))
         y = y + self.matmul(low_rank, self.mindpet_delta_lora_b.astype(self.compute_dtype)) * self.scaling
         return ops.reshape(y, out_shape)
+
+
+class LoraQuantizedLinear(LoraLinear):
+    """LoRA on a quantized frozen base (QLoRA): the base cell, kept as `base_layer` as PEFT names
+    it, dequantizes its own weight; gradients reach A and B through that product."""
+
+    def __init__(self, base, rank, scaling, dropout, lora_a, param_dtype):
+        nn.Cell.__init__(self)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.compute_dtype = base.compute_dtype
+        self.scaling = scaling
+        self.base_layer = base
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.mindpet_delta_lora_a = Parameter(Tensor(lora_a, param_dtype), name=LORA_A)
+        self.mindpet_delta_lora_b = Parameter(Tensor(np.zeros((self.out_features, rank), np.float32), param_dtype),
+                                              name=LORA_B)
+        self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+
+    def base_product(self, x):
+        return self.base_layer(x)
 
 
 def _cell_at(model, dotted):
@@ -70,7 +95,7 @@ def select_lora_modules(model, lora_config):
             excluded_prefixes.append(full_name + ".")
         if isinstance(cell, LoraLinear):
             raise ConfigError(f"LoRA is already applied to {full_name}")
-        if not isinstance(cell, Linear) or any((full_name + ".").startswith(p) for p in excluded_prefixes):
+        if not isinstance(cell, (Linear, QuantizedLinear)) or any((full_name + ".").startswith(p) for p in excluded_prefixes):
             continue
         linear_names.append(full_name)
         in_decoder = full_name.startswith("model.")
@@ -99,7 +124,8 @@ def apply_lora(model, lora_config, seed=0):
         base = _cell_at(model, full_name)
         bound = 1.0 / math.sqrt(base.in_features)
         lora_a = rng.uniform(-bound, bound, (lora_config.rank, base.in_features)).astype(np.float32)
-        _put_cell(model, full_name, LoraLinear(base, lora_config.rank, lora_config.scaling,
+        wrapper = LoraQuantizedLinear if isinstance(base, QuantizedLinear) else LoraLinear
+        _put_cell(model, full_name, wrapper(base, lora_config.rank, lora_config.scaling,
                                                lora_config.dropout, lora_a, param_dtype))
     model.lora_config = lora_config
     return chosen
@@ -131,6 +157,9 @@ def load_adapter_state(model, arrays, source="adapter checkpoint"):
 
 def merge_lora(model):
     """Fold every adapter into its base weight in place; the model is a plain Llama again."""
+    if any(isinstance(cell, LoraQuantizedLinear) for cell in lora_modules(model).values()):
+        raise ConfigError("merge_lora: the base is quantized; merge the adapters into the full-precision base "
+                          "with tools/merge_lora.py")
     for full_name, cell in lora_modules(model).items():
         weight = merged_weight(cell.weight.asnumpy(), cell.mindpet_delta_lora_a.asnumpy(),
                                cell.mindpet_delta_lora_b.asnumpy(), cell.scaling)

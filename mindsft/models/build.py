@@ -15,8 +15,13 @@ STATE_KEYS = ("global_step", "loss_scale", "good_steps", "epoch_num", "step_num"
 
 
 def build_model(config):
-    """The network of `config.model_config`, with LoRA adapters when `config.lora` asks."""
-    model = LlamaForCausalLM(config.model_config)
+    """The network of `config.model_config`, with LoRA adapters when `config.lora` asks; with
+    quantization_bit, its base is quantized while it loads (QLoRA), so its weights are in already."""
+    if config.quantization_bit:
+        from mindsft.models import qlora
+        model = qlora.build_quantized_base(config)
+    else:
+        model = LlamaForCausalLM(config.model_config)
     if config.lora is not None:
         from mindsft import lora
         lora.apply_lora(model, config.lora, seed=config.seed)
@@ -78,8 +83,10 @@ def load_hf_weights(model, folder):
 
 def load_start_weights(model, config, rank=0):
     """The weights a run starts from: load_checkpoint, else pretrained_model_dir's; none is fine
-    for pretraining from scratch."""
+    for pretraining from scratch. A quantized base read them while it was built."""
     from mindsft.train.checkpoint import find_weights_file
+    if config.quantization_bit:
+        return
     if config.load_checkpoint:
         load_weights(model, find_weights_file(config.load_checkpoint, rank))
     elif config.pretrained_model_dir:

@@ -13,6 +13,8 @@
 // follows the sum of squared sample lengths, not the square of the row.
 //
 // Cross-entropy per row of logits (see CrossEntropyForward / CrossEntropyBackward).
+//
+// QLoRA's base weights dequantized (see Dequantize4bit / Dequantize4bitNested / Dequantize8bit).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -394,6 +396,95 @@ extern "C" int AdamWeightDecayStep(int nparam, void **params, int *ndims, int64_
       next_m[i] = mi;
       next_v[i] = vi;
     }
+  });
+  return 0;
+}
+
+// QLoRA's frozen base, dequantized one projection at a time (bitsandbytes' layouts, see
+// mindsft/quant.py). The last input of each is not read: it is an activation the result must wait
+// for, so that MindSpore's runtime does not dequantize every layer as soon as the step starts
+// (their inputs are all parameters) and hold them all.
+//
+namespace {
+
+// One 4-bit block's scale: nested code · nested absmax + offset, rounded after the product as
+// bitsandbytes rounds it (volatile: no fused multiply-add under -ffast-math).
+float block_scale(const uint8_t *absmax_codes, const float *nested, const float *offset, const float *dynamic_code,
+                  int64_t block) {
+  volatile float product = dynamic_code[absmax_codes[block]] * nested[block / 256];
+  return product + offset[0];
+}
+
+// packed [blocks, blocksize / 2] uint8 (first value in the high nibble), absmax [blocks] fp32,
+// code [16] fp32, after -> weight with `out` x `in` values (the last block may be short).
+template <typename ScaleOf>
+void dequantize_4bit(const uint8_t *packed, int64_t blocks, int64_t blocksize, int64_t numel, const float *code,
+                     float *weight, ScaleOf scale_of) {
+  constexpr int64_t GROUP = 256;  // blocks per task
+  parallel_for((blocks + GROUP - 1) / GROUP, [&](int64_t task) {
+    const int64_t last = std::min(blocks, (task + 1) * GROUP);
+    for (int64_t b = task * GROUP; b < last; b++) {
+      const float scale = scale_of(b);
+      const uint8_t *bytes = packed + b * (blocksize / 2);
+      const int64_t start = b * blocksize, count = std::min(blocksize, numel - start);
+      float *out = weight + start;
+      for (int64_t i = 0; i + 1 < count; i += 2) {
+        out[i] = code[bytes[i / 2] >> 4] * scale;
+        out[i + 1] = code[bytes[i / 2] & 0x0F] * scale;
+      }
+      if (count % 2) out[count - 1] = code[bytes[count / 2] >> 4] * scale;
+    }
+  });
+}
+
+int64_t numel_of(int ndims, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndims; i++) n *= shape[i];
+  return n;
+}
+
+}  // namespace
+
+// packed, absmax [blocks, 1] fp32, code [16], after -> weight [out, in]
+extern "C" int Dequantize4bit(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  if (nparam != 5) return 1;
+  const int64_t blocks = shapes[0][0], blocksize = 2 * shapes[0][1];
+  const float *absmax = static_cast<const float *>(params[1]);
+  dequantize_4bit(static_cast<const uint8_t *>(params[0]), blocks, blocksize, numel_of(ndims[4], shapes[4]),
+                  static_cast<const float *>(params[2]), static_cast<float *>(params[4]),
+                  [absmax](int64_t b) { return absmax[b]; });
+  return 0;
+}
+
+// packed, absmax codes [nested blocks, 256] uint8, nested absmax [nested blocks, 1] fp32,
+// offset [1] fp32, dynamic code [256] fp32, code [16], after -> weight [out, in]
+extern "C" int Dequantize4bitNested(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                    void *stream, void *extra) {
+  if (nparam != 8) return 1;
+  const int64_t blocks = shapes[0][0], blocksize = 2 * shapes[0][1];
+  const uint8_t *absmax_codes = static_cast<const uint8_t *>(params[1]);
+  const float *nested = static_cast<const float *>(params[2]);
+  const float *offset = static_cast<const float *>(params[3]);
+  const float *dynamic_code = static_cast<const float *>(params[4]);
+  dequantize_4bit(static_cast<const uint8_t *>(params[0]), blocks, blocksize, numel_of(ndims[7], shapes[7]),
+                  static_cast<const float *>(params[5]), static_cast<float *>(params[7]),
+                  [=](int64_t b) { return block_scale(absmax_codes, nested, offset, dynamic_code, b); });
+  return 0;
+}
+
+// codes [out, in] int8, row absmax SCB [out, 1] fp32, after -> weight [out, in] = codes · (SCB · 1/127)
+extern "C" int Dequantize8bit(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  const int64_t rows = shapes[0][0], cols = shapes[0][1];
+  const int8_t *codes = static_cast<const int8_t *>(params[0]);
+  const float *row_absmax = static_cast<const float *>(params[1]);
+  float *weight = static_cast<float *>(params[3]);
+  parallel_for(rows, [&](int64_t r) {
+    volatile float scale_product = row_absmax[r] * (1.0f / 127.0f);
+    const float scale = scale_product;
+    for (int64_t c = 0; c < cols; c++) weight[r * cols + c] = static_cast<float>(codes[r * cols + c]) * scale;
   });
   return 0;
 }

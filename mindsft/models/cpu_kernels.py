@@ -9,6 +9,10 @@
   backward, where log_softmax + gather makes several passes over [tokens, vocab].
 - The AdamW step of one parameter: one read of param, moments and gradient, where the
   op-by-op update makes a dozen passes.
+- QLoRA's dequantization of one base weight: a single op that waits for its layer's input.
+  Built from MindSpore ops, the chain from a frozen parameter has no input to wait for, so the
+  runtime dequantized every layer at the start of the step and held them all (measured: +1 GB a
+  TinyLlama layer, more than its float32 weights).
 
 The C++ source is compiled once per machine with the system's g++ into a cache folder
 (`$MINDSFT_KERNEL_CACHE`, default `~/.cache/mindsft/kernels`). Where there is no compiler, or the
@@ -166,3 +170,21 @@ def adamw_step():
         _OPS["adamw"] = ops.Custom(f"{path}:AdamWeightDecayStep", func_type="aot",
                                    out_shape=lambda p, m, v, g, h: (p, p, p), out_dtype=lambda p, m, v, g, h: (p, p, p))
     return _OPS["adamw"]
+
+
+def dequantize(kind, weight_shape):
+    """The op that dequantizes one QLoRA base weight into float32 `weight_shape` (kind:
+    Dequantize4bit, Dequantize4bitNested or Dequantize8bit; inputs as cpu_kernels.cc lists them,
+    the last an activation to wait for; no gradient). None where the kernels do not apply."""
+    path = _kernel_library()
+    if path is None:
+        return None
+    import mindspore as ms
+    from mindspore import ops
+    shape = tuple(int(d) for d in weight_shape)
+    op = ops.Custom(f"{path}:{kind}", func_type="aot", out_shape=lambda *inputs: shape,
+                    out_dtype=lambda *inputs: ms.float32)
+    # Weights of different shapes can have same-shaped inputs (q_proj and o_proj): the attribute
+    # keeps MindSpore from reusing one's inferred output shape for the other.
+    op.add_prim_attr("weight_shape", shape)
+    return op

@@ -43,6 +43,9 @@ def setup_context(config):
     check_parallel_settings(config)
     ms.set_context(mode=ms.GRAPH_MODE if config.context.mode == 0 else ms.PYNATIVE_MODE)
     ms.set_device(config.context.device_target)
+    # Always: MindFormers' default call depth (10000) is not MindSpore's (1000), which a 22-layer
+    # model with LoRA on every projection exceeds when the step compiles.
+    ms.set_context(max_call_depth=config.context.max_call_depth)
     context_settings = mindspore_context_settings(config.context)
     if context_settings:
         ms.set_context(**context_settings)

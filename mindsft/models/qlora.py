@@ -1,0 +1,123 @@
+"""QLoRA's base: a Llama whose linear layers are quantized (4-bit NF4/FP4 or 8-bit LLM.int8, as
+bitsandbytes stores them) while their weights stream from a `.ckpt` or a HuggingFace folder.
+
+The model is first built without memory for its parameters (MindSpore's no_init_parameters);
+then each tensor is read alone, in float32, quantized if it is a linear weight, and put in place.
+Peak memory is the quantized model plus one float32 tensor: the full-precision model never
+exists. The output head stays in full precision, as transformers keeps `lm_head` out of
+bitsandbytes' quantization; embeddings and norms are not linear layers.
+"""
+import dataclasses
+import os
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+
+from mindsft.errors import ConfigError, ConvertError
+
+QUANTIZATION_BITS = (4, 8)
+QUANTIZATION_TYPES = ("nf4", "fp4")
+KEPT_IN_FULL_PRECISION = ("lm_head",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """LLaMA-Factory's quantization_bit / quantization_type / double_quantization."""
+    bits: int
+    quant_type: str = "nf4"
+    double_quant: bool = True
+
+    def __post_init__(self):
+        if self.bits not in QUANTIZATION_BITS:
+            raise ConfigError(f"quantization_bit {self.bits!r} is not 4 or 8")
+        if self.quant_type not in QUANTIZATION_TYPES:
+            raise ConfigError(f"quantization_type {self.quant_type!r} is not nf4 or fp4")
+
+    def describe(self):
+        if self.bits == 8:
+            return "8-bit LLM.int8 rows"
+        return f"4-bit {self.quant_type}" + (", double quantization" if self.double_quant else "")
+
+
+def base_weights_path(config):
+    """The file or HuggingFace folder a quantized base is read from: load_checkpoint, else pretrained_model_dir."""
+    from mindsft.train.checkpoint import find_weights_file
+    load_checkpoint = config.load_checkpoint or config.pretrained_model_dir
+    if not load_checkpoint:
+        raise ConfigError("quantization_bit: the quantized base is read from load_checkpoint (a .ckpt or a "
+                          "HuggingFace folder); give --load_checkpoint")
+    if os.path.isdir(load_checkpoint) and os.path.isfile(os.path.join(load_checkpoint, "config.json")):
+        return load_checkpoint
+    return find_weights_file(load_checkpoint, 0)
+
+
+def _read_float32(stored):
+    """A StoredTensor's values as one float32 array, filled block by block (no second copy)."""
+    values = np.empty(stored.numel, np.float32)
+    at = 0
+    for block in stored.blocks("float32"):
+        values[at:at + block.size] = block
+        at += block.size
+    return values.reshape(stored.shape)
+
+
+def _megabytes(nbytes):
+    return f"{nbytes / 2**20:,.1f} MB"
+
+
+def build_quantized_llama(llama_config, weights_path, quantization):
+    """(LlamaForCausalLM with quantized linear layers and its weights loaded, report line)."""
+    from mindspore.nn.utils import no_init_parameters
+    from mindsft.convert.peft import open_base_weights
+    from mindsft.lora import _put_cell
+    from mindsft.models.families.base import check_weights
+    from mindsft.models.llama import DTYPES, Linear, LlamaForCausalLM
+    from mindsft.models.quant_linear import quantized_linear
+
+    tensors, _, _ = open_base_weights(weights_path)
+    with no_init_parameters():
+        model = LlamaForCausalLM(llama_config)
+    params = {p.name: p for p in model.get_parameters()}
+    check_weights({name: tuple(p.shape) for name, p in params.items()},
+                  {name: tuple(t.shape) for name, t in tensors.items() if name in params}, weights_path, llama_config)
+
+    param_dtype = DTYPES[llama_config.param_init_type]
+    compute_dtype = DTYPES[llama_config.compute_dtype]
+    itemsize = 4 if param_dtype == ms.float32 else 2
+    linear_cells = {f"{name}.weight": name for name, cell in model.cells_and_names()
+                    if isinstance(cell, Linear) and name.split(".")[-1] not in KEPT_IN_FULL_PRECISION}
+    before = after = linear_before = linear_after = 0
+    for name, param in params.items():
+        values = _read_float32(tensors[name])
+        before += values.size * itemsize
+        if name in linear_cells:
+            cell = quantized_linear(values, quantization.bits, quantization.quant_type, quantization.double_quant,
+                                    compute_dtype)
+            _put_cell(model, linear_cells[name], cell)
+            linear_before += values.size * itemsize
+            linear_after += cell.quantized_bytes()
+            after += cell.quantized_bytes()
+        else:
+            param.set_data(Tensor(values).astype(param_dtype))
+            after += values.size * itemsize
+        del values
+    unset = [p.name for p in model.get_parameters() if p.has_init]
+    if unset:
+        raise ConvertError(f"{weights_path}: no values for {', '.join(unset)}")
+    model.quantization = quantization
+    report = (f"QLoRA base ({quantization.describe()}): {_megabytes(before)} -> {_megabytes(after)} "
+              f"(linear layers {_megabytes(linear_before)} -> {_megabytes(linear_after)}); read from {weights_path}")
+    return model, report
+
+
+def build_quantized_base(config):
+    """The run's quantized base model (`quantization_bit` set), its weights already loaded."""
+    quantization = Quantization(config.quantization_bit, config.quantization_type, config.double_quantization)
+    model, report = build_quantized_llama(config.model_config, base_weights_path(config), quantization)
+    print(report)
+    return model
+
+
+def is_quantized(model):
+    return getattr(model, "quantization", None) is not None
