@@ -10,12 +10,12 @@ Messages are `[{"role": "user" | "assistant" | "system", "content": str}]`: an o
 message first, then user and assistant turns alternating, starting with the user.
 """
 import dataclasses
-import json
 import os
 
 import numpy as np
 
 from mindsft.errors import ConfigError, DataError
+from mindsft.input_files import read_json
 
 BOS_TEXT, EOS_TEXT = "<s>", "</s>"
 
@@ -205,11 +205,7 @@ class HFChatTemplate(Template):
         import jinja2
         import jinja2.sandbox
         path = os.fspath(tokenizer_config_path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read tokenizer config ({err})") from None
+        config = read_json(path, ConfigError, "tokenizer_config.json", expect=dict)
         source = config.get("chat_template")
         if isinstance(source, list):  # the named-templates form: take "default"
             source = next((t.get("template") for t in source if t.get("name") == "default"), None)

@@ -3,7 +3,7 @@ import argparse
 import sys
 
 from mindsft.data.preprocess import PreprocessOptions, preprocess, stats_path
-from mindsft.errors import MindsftError
+from mindsft.errors import report, user_errors
 from mindsft.templates import TEMPLATE_NAMES
 
 
@@ -47,8 +47,8 @@ def main(argv=None):
         progress=not args.no_progress, command_line=[sys.executable] + sys.argv if argv is None else argv)
     try:
         stats = preprocess(options)
-    except MindsftError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except user_errors() as err:
+        report(err)
         return 1
     print(f"Wrote {stats['records_written']} records of {stats['record_length']} tokens to "
           f"{', '.join(stats['output_files'])} (read {stats['records_read']}, truncated {stats['truncated']}, "

@@ -27,10 +27,10 @@ import numpy as np
 from tqdm import tqdm
 
 from mindsft.data.conversations import normalize_record, read_json_records
-from mindsft.data.mindrecord import EmptyOutputError, write_mindrecord
+from mindsft.data.mindrecord import EmptyOutputError, shard_names, write_mindrecord
 from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, record_length
 from mindsft.errors import ConfigError, DataError
-from mindsft.files import atomic_output
+from mindsft.files import atomic_output, check_output_path
 from mindsft.templates import encode_segment_arrays, get_template
 from mindsft.tokenizer import LlamaTokenizer
 
@@ -307,6 +307,8 @@ def _wiki_records(options, stats, pad_id, map_in_order):
 def preprocess(options):
     """Tokenize the input files into MindRecord shards plus `<output_file>.stats.json`; returns stats."""
     options.validate()
+    for path in shard_names(options.output_file, options.file_partition) + [stats_path(options.output_file)]:
+        check_output_path(path)  # before any tokenizing: a folder there is a mistake, not an output
     tokenizer = LlamaTokenizer(options.model_file)
     if options.dataset_type == "qa":
         get_template(options.template, options.tokenizer_config)  # fail on a bad template before any work

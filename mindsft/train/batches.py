@@ -11,7 +11,8 @@ A micro-batch is a dict of the named columns of `mindsft.data.schema.BATCH_COLUM
 import numpy as np
 import mindspore.dataset as ds
 
-from mindsft.data.schema import BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, mindrecord_files, record_length
+from mindsft.data.schema import (BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, dataset_manifest, mindrecord_files,
+                                 record_length)
 from mindsft.errors import DataError
 
 
@@ -39,8 +40,14 @@ class ShardedBatches:
         except DataError as exc:
             raise DataError(f"{what}: {exc}") from None
         self.dataset_dir = dataset_dir
-        probe = ds.MindDataset(self.files, shuffle=False)
-        self.num_records = probe.get_dataset_size()
+        # Read now, so a damaged stats file is named before the model is built.
+        self.manifest = dataset_manifest(dataset_dir)
+        try:
+            probe = ds.MindDataset(self.files, shuffle=False)
+            self.num_records = probe.get_dataset_size()
+        except RuntimeError as exc:  # mindrecord_files checked what it can; MindSpore found more
+            raise DataError(f"{dataset_dir}: MindSpore cannot read these MindRecord files "
+                            f"({str(exc).strip().splitlines()[0][:200]})") from None
         unknown = [c for c in input_columns if c not in BATCH_COLUMNS]
         if unknown:
             raise DataError(f"{what}.input_columns: {', '.join(unknown)} is not a column the model takes "
@@ -96,17 +103,28 @@ class ShardedBatches:
         indices = self.rank_indices(epoch, start_step)
         if indices.size == 0:
             return
-        flat = indices.reshape(-1)
-        padding = flat < 0
-        # Padding slots (drop_remainder False) read record 0 and learn nothing from it.
-        reader = ds.MindDataset(self.files, columns_list=self.columns,
-                                sampler=ds.SubsetSampler(np.where(padding, 0, flat).tolist()), shuffle=None)
-        reader = reader.batch(self.batch_size)
+        slots = indices.reshape(-1, self.batch_size)
+        real = slots[slots >= 0]
+        rows = iter(())
+        if real.size:
+            # Only real records are read: MindSpore's SubsetSampler refuses more indices than the
+            # dataset holds, so the padding slots of a short last batch (drop_remainder False) are
+            # made here, as rows that learn nothing.
+            reader = ds.MindDataset(self.files, columns_list=self.columns,
+                                    sampler=ds.SubsetSampler(real.tolist()), shuffle=None)
+            rows = reader.create_dict_iterator(num_epochs=1, output_numpy=True)
         micro = []
-        padding = padding.reshape(-1, self.batch_size)
-        for number, row in enumerate(reader.create_dict_iterator(num_epochs=1, output_numpy=True)):
-            batch = learned_batch(row)
-            batch["labels"][padding[number]] = IGNORE_INDEX
+        for slot_row in slots:
+            batch = {name: np.zeros((self.batch_size, self.record_length), BATCH_DTYPES[name])
+                     for name in BATCH_COLUMNS}
+            batch["labels"][:] = IGNORE_INDEX
+            for position in np.flatnonzero(slot_row >= 0):
+                record = learned_batch(next(rows))
+                if record["input_ids"].shape != (self.record_length,):
+                    raise DataError(f"{self.dataset_dir}: record {slot_row[position]} holds "
+                                    f"{record['input_ids'].size} tokens, the first holds {self.record_length}")
+                for name in BATCH_COLUMNS:
+                    batch[name][position] = record[name]
             micro.append(batch)
             if len(micro) == self.accumulation_steps:
                 yield micro
