@@ -173,7 +173,7 @@ import json, sys
 import numpy as np, mindspore as ms
 from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
 from mindsft.models.build import assign_weights
-from mindsft.train.data import ShardedBatches
+from mindsft.train.batches import ShardedBatches
 from mindsft.train.step import AdamWUpdate, TrainStep
 from trainkit import TINY_MODEL
 data_dir, start = sys.argv[1], sys.argv[2]
