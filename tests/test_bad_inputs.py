@@ -300,8 +300,9 @@ CASES = [
     ("reverse-yaml-unparsable", "convert",
      reverse(config_flag=lambda good, tmp: ["--config", put(tmp, "r.yaml", "model: [unclosed\n  x: {")])),
     ("reverse-yaml-a-list", "convert", reverse(config_flag=lambda good, tmp: ["--config", put(tmp, "r.yaml", "- 1\n")])),
-    ("reverse-yaml-no-model-config", "convert",
-     reverse(config_flag=lambda good, tmp: ["--config", put(tmp, "r.yaml", "model: {}\n")])),
+    ("reverse-yaml-no-model-config", "convert",  # and no X.config.json travels with this checkpoint
+     reverse(ckpt=lambda good, tmp: shutil.copy(good["root"] / "model.ckpt", tmp / "alone.ckpt"),
+             config_flag=lambda good, tmp: ["--config", put(tmp, "r.yaml", "model: {}\n")])),
     ("reverse-yaml-not-utf8", "convert",
      reverse(config_flag=lambda good, tmp: ["--config", put(tmp, "r.yaml", b"model: \xff\xfe\n")])),
     ("reverse-hf-config-missing-key", "convert",
