@@ -10,6 +10,7 @@ Flags left out keep the YAML's value. Any YAML key can be overridden with a dott
 import argparse
 import sys
 
+from mindsft.cli import YamlOverrideHelpFormatter
 from mindsft.config import RUN_MODES, load_run_config
 from mindsft.errors import report, user_errors
 
@@ -25,12 +26,12 @@ FLAG_KEYS = {
     "predict_data": "predict_data", "template": "template",
     "max_new_tokens": "generation_config.max_new_tokens", "do_sample": "generation_config.do_sample",
     "temperature": "generation_config.temperature", "top_k": "generation_config.top_k",
-    "top_p": "generation_config.top_p",
+    "top_p": "generation_config.top_p", "num_beams": "generation_config.num_beams",
 }
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=YamlOverrideHelpFormatter)
     parser.add_argument("--config", required=True, help="run config YAML (MindFormers' schema)")
     parser.add_argument("--run_mode", choices=RUN_MODES, help="train | finetune (same loop) | eval | predict")
     parser.add_argument("--load_checkpoint", help="weights to start from: a .ckpt, or a folder holding one")
@@ -55,6 +56,8 @@ def parse_args(argv):
     parser.add_argument("--temperature", help="generation_config.temperature")
     parser.add_argument("--top_k", help="generation_config.top_k")
     parser.add_argument("--top_p", help="generation_config.top_p")
+    parser.add_argument("--num_beams", help="generation_config.num_beams (> 1: beam search; with "
+                                            "length_penalty and early_stopping as transformers reads them)")
     parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE", help="dotted YAML overrides")
     args, rest = parser.parse_known_args(argv)
     overrides = {FLAG_KEYS[name]: value for name, value in vars(args).items()

@@ -11,6 +11,7 @@ setup(
         "mindspore==2.10.0",
         "numpy<2",  # MindSpore 2.10 crashes at its first op with numpy 2
         "sentencepiece>=0.2.0",
+        "tokenizers>=0.19",  # HuggingFace tokenizer.json (Llama 3, Qwen, Mistral)
         "safetensors",
         "pyyaml",
         "tqdm",
@@ -21,6 +22,8 @@ setup(
     extras_require={
         # The references our tests compare against; torch pinned to the CPU build.
         "test": ["pytest", "torch==2.13.0", "transformers==5.23.0", "peft==0.21.2",
-                 "nltk==3.10.4", "rouge-chinese==1.0.3"],
+                 "nltk==3.10.4", "rouge-chinese==1.0.3",
+                 # The reference for dataset mixing and the validation split; pyarrow 25+ needs numpy 2.
+                 "datasets==5.2.0", "pyarrow==24.0.0"],
     },
 )

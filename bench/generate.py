@@ -1,10 +1,11 @@
 """Decode speed: mindsft with the KV cache, mindsft recomputing the sequence, and transformers'
-generate, on the same random weights, in one process on the CPU.
+generate, greedy and with beam search, on the same random weights, in one process on the CPU.
 
-    python bench/generate.py [--hidden 512 --layers 4 --prompt 32 --new 32 --batch 1]
+    python bench/generate.py [--hidden 512 --layers 4 --prompt 32 --new 32 --batch 1 --beams 4]
 
 Decode tokens/s counts the tokens after the first (the first comes from the prefill) over the
-time after the prefill; every run is warmed up first so compilation is not counted.
+time after the prefill; with beam search every beam's tokens count (batch x beams a step).
+Every run is warmed up first so compilation is not counted.
 """
 import argparse
 import os
@@ -36,14 +37,15 @@ def build_models(args):
     return hf, ours
 
 
-def time_hf(hf, prompts, new_tokens, repeats):
+def time_hf(hf, prompts, new_tokens, repeats, num_beams=1):
     """Seconds of a generate of `new_tokens` and of a generate of 1 token (the prefill)."""
     ids = torch.tensor(prompts)
 
     def run(n):
         with torch.no_grad():
             start = time.perf_counter()
-            out = hf.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+            out = hf.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                              num_beams=num_beams)
             return time.perf_counter() - start, out
 
     run(new_tokens)
@@ -69,6 +71,7 @@ def main():
     parser.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
     parser.add_argument("--new", type=int, default=32, help="new tokens per prompt")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--beams", type=int, default=4, help="num_beams of the beam search rows (1: none)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best kept)")
     args = parser.parse_args()
 
@@ -97,6 +100,20 @@ def main():
     print(f"KV cache vs recompute (decode): "
           f"{cached.decode_tokens_per_second / recomputed.decode_tokens_per_second:.2f}x")
     print(f"same greedy tokens as transformers: {cached.sequences == hf_tokens}")
+    if args.beams > 1:
+        time_beam_search(args, hf, generator, prompts, config)
+
+
+def time_beam_search(args, hf, generator, prompts, config):
+    beam_config = config.updated(num_beams=args.beams)
+    beam = time_ours(generator, prompts, beam_config, True, args.repeats)
+    hf_full, hf_prefill, hf_tokens = time_hf(hf, prompts, args.new, args.repeats, num_beams=args.beams)
+    hf_decode_rate = args.batch * args.beams * (args.new - 1) / (hf_full - hf_prefill)
+    print(f"beam search, num_beams {args.beams} (decode tokens/s counts every beam):")
+    print(f"{'mindsft, KV cache':24s} {beam.decode_tokens_per_second:13.1f} tok/s "
+          f"{beam.decode_tokens_per_second / hf_decode_rate:6.2f}x")
+    print(f"{'transformers generate':24s} {hf_decode_rate:13.1f} tok/s {1.0:6.2f}x")
+    print(f"same beam search tokens as transformers: {beam.sequences == hf_tokens}")
 
 
 if __name__ == "__main__":

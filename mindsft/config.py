@@ -83,6 +83,10 @@ class DatasetConfig:
     numa_enable: bool = False
     prefetch_size: int = 1
     output_columns: Optional[List[str]] = None
+    # eval_dataset only: also answer the first generate_samples records and score the replies
+    # (BLEU-4, ROUGE) with generation_config's settings (mindsft/generation_eval.py).
+    predict_with_generate: bool = False
+    generate_samples: int = 16
 
 
 @dataclasses.dataclass
@@ -160,7 +164,8 @@ class CheckpointMonitorConfig:
 class CallbacksConfig:
     """MindFormers' `callbacks` list, folded into the two we act on."""
     loss_monitor: bool = True
-    per_print_times: int = 1
+    # None: every step off a terminal, every few steps under the progress bar on one (train/monitor.py).
+    per_print_times: Optional[int] = None
     checkpoint: Optional[CheckpointMonitorConfig] = None
 
 

@@ -1,12 +1,13 @@
 """Text generation with a key/value cache: prefill the prompts, then one compiled step per token.
 
-Greedy or sampled (temperature, top_k, top_p), repetition penalty, stop at EOS or any stop id.
+Greedy or sampled (temperature, top_k, top_p), or beam search (num_beams, length_penalty,
+early_stopping, as transformers does it); repetition penalty, stop at EOS or any stop id.
 Prompts of different lengths share one batch by left padding; each row computes what it would
 alone. Settings use HuggingFace's `generation_config.json` key names.
 """
 import dataclasses
 import time
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import mindspore as ms
 import numpy as np
@@ -17,21 +18,57 @@ from mindsft.generation_config import GenerationConfig  # noqa: F401 - what gene
 
 @dataclasses.dataclass
 class GenerationOutput:
-    """New tokens per prompt (a stop token that ended a row is kept, as transformers keeps it)."""
+    """New tokens per prompt (a stop token that ended a row is kept, as transformers keeps it).
+
+    Speed figures leave compilation out: a call that met a shape for the first time compiled it,
+    and its time is in compile_seconds, its tokens in no rate. prefill_tokens counts every prompt
+    token, timed_prefill_tokens those of calls that compiled nothing; decode_tokens counts the
+    tokens of decode steps that compiled nothing (with beam search, every beam's).
+    """
     sequences: List[List[int]]
     stopped: List[bool]
     prefill_tokens: int
     prefill_seconds: float
     decode_tokens: int
     decode_seconds: float
+    compile_seconds: float = 0.0
+    timed_prefill_tokens: Optional[int] = None
 
     @property
     def prefill_tokens_per_second(self):
-        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        timed = self.prefill_tokens if self.timed_prefill_tokens is None else self.timed_prefill_tokens
+        return timed / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
     def decode_tokens_per_second(self):
         return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+class SpeedTally:
+    """Tokens and seconds of one generate call, by phase; a call whose shape `known_shapes` has
+    not seen compiles its graph, so its time counts as compilation (and the shape becomes known)."""
+
+    def __init__(self, known_shapes):
+        self.known_shapes = known_shapes
+        self.prefill_tokens = self.timed_prefill_tokens = self.decode_tokens = 0
+        self.prefill_seconds = self.decode_seconds = self.compile_seconds = 0.0
+
+    def add(self, phase, shape, tokens, seconds):
+        if phase == "prefill":
+            self.prefill_tokens += tokens
+        if shape not in self.known_shapes:
+            self.known_shapes.add(shape)
+            self.compile_seconds += seconds
+        elif phase == "prefill":
+            self.timed_prefill_tokens += tokens
+            self.prefill_seconds += seconds
+        else:
+            self.decode_tokens += tokens
+            self.decode_seconds += seconds
+
+    def output(self, sequences, stopped):
+        return GenerationOutput(sequences, stopped, self.prefill_tokens, self.prefill_seconds, self.decode_tokens,
+                                self.decode_seconds, self.compile_seconds, self.timed_prefill_tokens)
 
 
 def apply_repetition_penalty(logits, seen, penalty):
@@ -103,6 +140,108 @@ class TokenChooser:
             self.seen[rows, tokens[rows]] = True
 
 
+# transformers' "minus infinity" for beam scores: added, not assigned, exactly as it does, so that
+# the same candidates win every comparison (float32 sums with -1e9 tie where transformers' tie).
+BEAM_EXCLUDED = np.float32(-1.0e9)
+
+
+def log_softmax(logits):
+    shifted = logits - logits.max(-1, keepdims=True)
+    return (shifted - np.log(np.exp(shifted.astype(np.float64)).sum(-1, keepdims=True))).astype(np.float32)
+
+
+def top_k_descending(scores, k):
+    """Indices of the k largest entries per row, best first (ties: lower index first)."""
+    if k < scores.shape[1]:
+        candidates = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        candidates = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    values = np.take_along_axis(scores, candidates, 1)
+    order = np.lexsort((candidates, -values), axis=1)
+    return np.take_along_axis(candidates, order, 1)
+
+
+class BeamSearch:
+    """The bookkeeping of transformers' beam search (`GenerationMixin._beam_search`), step for
+    step on numpy arrays, so that the same log-probabilities choose the same tokens.
+
+    Every step keeps the (1 + number of stop ids) · num_beams best continuations over all beams;
+    those ending in a stop id (or at the token budget) among the top num_beams become finished
+    hypotheses scored log-prob / length**length_penalty, the best num_beams others run on.
+    """
+
+    def __init__(self, batch, num_beams, new_tokens, stop_ids, length_penalty=1.0, early_stopping=False,
+                 fill_id=0):
+        self.batch, self.num_beams, self.new_tokens = batch, num_beams, new_tokens
+        self.stop_ids = np.asarray(sorted(stop_ids), np.int64)
+        self.length_penalty, self.early_stopping = float(length_penalty), early_stopping
+        self.candidates = max(2, 1 + len(self.stop_ids)) * num_beams
+        self.running_tokens = np.full((batch, num_beams, new_tokens), fill_id, np.int64)
+        # Only the first beam is live at the start, so the first step does not pick one token num_beams times.
+        self.running_scores = np.zeros((batch, num_beams), np.float32)
+        self.running_scores[:, 1:] = BEAM_EXCLUDED
+        self.finished_tokens = self.running_tokens.copy()
+        self.finished_scores = np.full((batch, num_beams), BEAM_EXCLUDED, np.float32)
+        self.finished_lengths = np.zeros((batch, num_beams), np.int64)
+        self.is_finished = np.zeros((batch, num_beams), bool)
+        self.may_improve = np.ones((batch, 1), bool)
+        self.length = 0
+        self.done = False
+
+    def step(self, log_probs):
+        """Take log-probabilities [batch·num_beams, vocab] of every running beam's next token;
+        return (row of the previous step each beam continues [batch·num_beams], its new token)."""
+        batch, beams, length = self.batch, self.num_beams, self.length
+        vocab = log_probs.shape[-1]
+        totals = (log_probs.reshape(batch, beams, vocab) + self.running_scores[:, :, None]).reshape(batch, -1)
+        top = top_k_descending(totals, self.candidates)
+        top_scores = np.take_along_axis(totals, top, 1)
+        top_beams, top_tokens = top // vocab, top % vocab
+        top_sequences = np.take_along_axis(self.running_tokens, top_beams[:, :, None], 1)
+        top_sequences[:, :, length] = top_tokens
+        ends = np.isin(top_tokens, self.stop_ids) | (length + 1 >= self.new_tokens)
+
+        still_running = top_scores + ends.astype(np.float32) * BEAM_EXCLUDED
+        keep = top_k_descending(still_running, beams)
+        self.running_tokens = np.take_along_axis(top_sequences, keep[:, :, None], 1)
+        self.running_scores = np.take_along_axis(still_running, keep, 1)
+        source_beams = np.take_along_axis(top_beams, keep, 1)
+
+        just_finished = ends & (np.arange(self.candidates) < beams)[None, :]
+        scores = top_scores / np.float32((length + 1) ** self.length_penalty)
+        full = self.is_finished.all(1, keepdims=True) & (self.early_stopping is True)
+        scores = scores + full.astype(np.float32) * BEAM_EXCLUDED
+        scores = scores + (~self.may_improve).astype(np.float32) * BEAM_EXCLUDED
+        scores = scores + (~just_finished).astype(np.float32) * BEAM_EXCLUDED
+        merged_scores = np.concatenate([self.finished_scores, scores], 1)
+        best = top_k_descending(merged_scores, beams)
+        self.finished_scores = np.take_along_axis(merged_scores, best, 1)
+        self.finished_tokens = np.take_along_axis(
+            np.concatenate([self.finished_tokens, top_sequences], 1), best[:, :, None], 1)
+        self.finished_lengths = np.take_along_axis(
+            np.concatenate([self.finished_lengths, np.full(top.shape, length + 1)], 1), best, 1)
+        self.is_finished = np.take_along_axis(np.concatenate([self.is_finished, just_finished], 1), best, 1)
+
+        self.length = length = length + 1
+        # transformers' heuristic: stop a prompt once its best running beam, at the length that
+        # would flatter it most, cannot beat its worst finished one.
+        if self.early_stopping == "never" and self.length_penalty > 0:
+            hypothetical_length = self.new_tokens
+        else:
+            hypothetical_length = length
+        best_possible = self.running_scores[:, :1] / np.float32(hypothetical_length ** self.length_penalty)
+        worst_finished = np.where(self.is_finished, self.finished_scores.min(1, keepdims=True), BEAM_EXCLUDED)
+        self.may_improve &= (best_possible > worst_finished).any(1, keepdims=True)
+        all_full = self.is_finished.all() and self.early_stopping is True
+        self.done = not (self.may_improve.any() and not all_full and not ends.all())
+        rows = (np.arange(batch)[:, None] * beams + source_beams).reshape(-1)
+        return rows, self.running_tokens[:, :, length - 1].reshape(-1).astype(np.int32)
+
+    def best(self):
+        """The best finished hypothesis of each prompt (new tokens, a final stop id included)."""
+        return [self.finished_tokens[row, 0, :self.finished_lengths[row, 0]].tolist() for row in range(self.batch)]
+
+
 def left_pad(prompts, pad_id, bucket):
     """Prompts left-padded to a common length rounded up to `bucket` (fewer distinct shapes, so
     fewer compilations); returns ids [B, P], mask [B, P] and positions [B, P] (int32)."""
@@ -125,6 +264,7 @@ class Generator:
     def __init__(self, model, prompt_bucket=16):
         self.model = model
         self.prompt_bucket = prompt_bucket
+        self.compiled_shapes = set()
 
         # Caches are passed unpacked: a tuple argument makes ms.jit compile on every call.
         def cached_forward(input_ids, position_ids, cache_mask, query_slots, *caches):
@@ -134,13 +274,26 @@ class Generator:
             hidden = model.model(input_ids, attention_mask)
             return model.logits_from_hidden(ops.gather(hidden, last_index, 1))[:, 0]
 
+        def gather_rows(rows, *caches):
+            gathered = ()
+            for cache in caches:
+                gathered = gathered + (ops.gather(cache, rows, 0),)
+            return gathered
+
+        def reordered_cached_forward(input_ids, position_ids, cache_mask, query_slots, rows, *caches):
+            # Beam search: each row continues the beam at `rows`, so its cache comes along first.
+            return cached_forward(input_ids, position_ids, cache_mask, query_slots, *gather_rows(rows, *caches))
+
         self.cached_forward = ms.jit(cached_forward)
         self.full_forward = ms.jit(full_forward)
+        self.gather_rows = ms.jit(gather_rows)
+        self.reordered_cached_forward = ms.jit(reordered_cached_forward)
 
     def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig = None,
                  on_step=None, use_cache=None) -> GenerationOutput:
         """Generate for a batch of token-id prompts. `on_step(tokens, active)` is called after
-        every step with the new token of each row and which rows were still generating."""
+        every step with the new token of each row and which rows were still generating (not
+        with beam search, whose best reply is known only at the end; it always uses the cache)."""
         config = config or GenerationConfig()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("generate: every prompt needs at least one token")
@@ -148,6 +301,8 @@ class Generator:
         model_config = self.model.config
         pad_id = model_config.pad_token_id if config.pad_token_id is None else config.pad_token_id
         stop_ids = np.array(sorted(config.stop_ids(model_config)), np.int32)
+        if int(config.num_beams) > 1:
+            return self._beam_search(prompts, config, pad_id, stop_ids)
         batch = len(prompts)
         ids, mask, positions = left_pad(prompts, pad_id, self.prompt_bucket)
         prompt_length = ids.shape[1]
@@ -160,10 +315,13 @@ class Generator:
         sequences = [[] for _ in range(batch)]
         active = np.ones(batch, bool)
         real_lengths = mask.sum(1)
+        tally = SpeedTally(self.compiled_shapes)
+        # The recomputing path runs one graph for prefill and decode; the cached one two.
+        prefill_shape = ("prefill", batch, prompt_length, total) if use_cache else ("full", batch, total)
+        decode_shape = ("decode", batch, total) if use_cache else ("full", batch, total)
         start = time.perf_counter()
         logits = next(steps)
-        prefill_seconds = time.perf_counter() - start
-        decode_seconds, decode_tokens = 0.0, 0
+        tally.add("prefill", prefill_shape, int(real_lengths.sum()), time.perf_counter() - start)
         for step in range(new_tokens):
             start = time.perf_counter()
             if step > 0:
@@ -174,8 +332,7 @@ class Generator:
                 sequences[row].append(int(tokens[row]))
             chooser.record(tokens, active)
             if step > 0:
-                decode_seconds += time.perf_counter() - start
-                decode_tokens += int(active.sum())
+                tally.add("decode", decode_shape, int(active.sum()), time.perf_counter() - start)
             if on_step is not None:
                 on_step(tokens, active.copy())
             active &= ~np.isin(tokens, stop_ids)
@@ -183,8 +340,61 @@ class Generator:
                 break
         steps.close()
         stopped = [bool(seq) and seq[-1] in set(stop_ids.tolist()) for seq in sequences]
-        return GenerationOutput(sequences, stopped, int(real_lengths.sum()), prefill_seconds,
-                                decode_tokens, decode_seconds)
+        return tally.output(sequences, stopped)
+
+    def _beam_search(self, prompts, config, pad_id, stop_ids):
+        """Beam search with the key/value cache: the prompts are prefilled once, their caches
+        copied to every beam, then each step reorders the caches to the beams it continues."""
+        batch, beams = len(prompts), int(config.num_beams)
+        rows = batch * beams
+        ids, mask, positions = left_pad(prompts, pad_id, self.prompt_bucket)
+        prompt_length = ids.shape[1]
+        new_tokens = config.new_token_budget(max(len(p) for p in prompts))
+        total = prompt_length + new_tokens
+        search = BeamSearch(batch, beams, new_tokens, stop_ids.tolist(), config.length_penalty,
+                            config.early_stopping, fill_id=pad_id)
+        penalty = float(config.repetition_penalty)
+        seen = None
+        if penalty != 1.0:
+            seen = TokenChooser(config, batch, self.model.config.vocab_size, prompts).seen.repeat(beams, 0)
+        real_lengths = np.repeat(mask.sum(1), beams)
+        cache_mask = np.zeros((rows, total), np.int32)
+        cache_mask[:, :prompt_length] = np.repeat(mask, beams, 0)
+
+        tally = SpeedTally(self.compiled_shapes)
+        start = time.perf_counter()
+        prefill_mask = np.zeros((batch, total), np.int32)
+        prefill_mask[:, :prompt_length] = mask
+        logits, caches = self.cached_forward(Tensor(ids), Tensor(positions), Tensor(prefill_mask),
+                                             Tensor(np.arange(prompt_length, dtype=np.int32)),
+                                             *self.model.empty_caches(batch, total))
+        caches = self.gather_rows(Tensor(np.repeat(np.arange(batch, dtype=np.int32), beams)), *caches)
+        logits = np.repeat(logits.asnumpy(), beams, 0)
+        tally.add("prefill", ("beam prefill", batch, prompt_length, total, beams), int(mask.sum()),
+                  time.perf_counter() - start)
+        for step in range(new_tokens):
+            start = time.perf_counter()
+            log_probs = log_softmax(logits)
+            if seen is not None:
+                # transformers applies its logits processors to the log-probabilities in beam search.
+                log_probs = apply_repetition_penalty(log_probs, seen, penalty)
+            source_rows, tokens = search.step(log_probs)
+            if search.done:
+                break
+            if seen is not None:
+                seen = seen[source_rows]
+                seen[np.arange(rows), tokens] = True
+            cache_mask[:, prompt_length + step] = 1
+            logits, caches = self.reordered_cached_forward(
+                Tensor(tokens.reshape(rows, 1)), Tensor((real_lengths + step).astype(np.int32).reshape(rows, 1)),
+                Tensor(cache_mask), Tensor(np.array([prompt_length + step], np.int32)),
+                Tensor(source_rows.astype(np.int32)), *caches)
+            logits = logits.asnumpy()
+            tally.add("decode", ("beam decode", rows, total), rows, time.perf_counter() - start)
+        sequences = search.best()
+        stop_set = set(stop_ids.tolist())
+        stopped = [bool(seq) and seq[-1] in stop_set for seq in sequences]
+        return tally.output(sequences, stopped)
 
     def _cached_steps(self, ids, mask, positions, total):
         """Prefill, then yield logits [B, vocab] per step; receives (tokens, their positions)."""

@@ -36,6 +36,10 @@ class GenerationConfig:
     stop_token_ids: List[int] = dataclasses.field(default_factory=list)
     seed: Optional[int] = None
     num_beams: int = 1
+    # Beam search only: a finished beam's score is its summed log-probability / length**length_penalty;
+    # early_stopping True | False | "never" as in transformers.
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False
     use_cache: bool = True
 
     DEFAULT_MAX_NEW_TOKENS = 128
@@ -44,9 +48,15 @@ class GenerationConfig:
         self.validate()
 
     def validate(self):
-        if self.num_beams != 1:
-            raise ConfigError(f"generation_config: num_beams {self.num_beams}: beam search is not "
-                              "supported (use num_beams 1, greedy or sampling)")
+        if isinstance(self.early_stopping, str) and self.early_stopping.lower() in ("true", "false"):
+            self.early_stopping = self.early_stopping.lower() == "true"
+        if self.early_stopping not in (True, False, "never"):
+            raise ConfigError(f"generation_config: early_stopping {self.early_stopping!r} must be True, False or 'never'")
+        if int(self.num_beams) < 1:
+            raise ConfigError(f"generation_config: num_beams {self.num_beams} must be >= 1")
+        if int(self.num_beams) > 1 and self.do_sample:
+            raise ConfigError(f"generation_config: num_beams {self.num_beams} with do_sample: beam sampling "
+                              "is not supported (set do_sample False for beam search, or num_beams 1)")
         if self.max_new_tokens is not None and int(self.max_new_tokens) < 1:
             raise ConfigError(f"generation_config: max_new_tokens {self.max_new_tokens} must be >= 1")
         if self.do_sample and not float(self.temperature) > 0:

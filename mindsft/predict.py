@@ -132,25 +132,39 @@ class StreamPrinter:
         self.out.flush()
 
 
+def generation_settings(generation_config, tokenizer, template):
+    """The GenerationConfig of a predict run: the given settings, stopping at every end token of the
+    model (generation_config.json may list several, as Llama 3.1's does) and at the template's turn
+    end, padding with the tokenizer's pad id."""
+    if not isinstance(generation_config, GenerationConfig):
+        generation_config = GenerationConfig.from_mapping(generation_config or {})
+    if generation_config.eos_token_id is None:
+        generation_config = generation_config.updated(eos_token_id=list(tokenizer.end_ids) or None)
+    if generation_config.pad_token_id is None:
+        generation_config = generation_config.updated(pad_token_id=tokenizer.pad_id)
+    if template.end_token not in ("eos", None):
+        # Llama 3's <|eot_id|> stops a reply even where the eos is another token (a base model's).
+        end_id = tokenizer.special_id(template.end_token)
+        if end_id not in generation_config.stop_token_ids:
+            generation_config = generation_config.updated(
+                stop_token_ids=list(generation_config.stop_token_ids) + [end_id])
+    return generation_config
+
+
 def run_predict(model, tokenizer, predict_data, generation_config=None, template_name="raw",
                 output_dir=None, batch_size=8, tokenizer_config_path=None, stream=None,
                 compute_loss=True, show_progress=True):
     """Generate replies for `predict_data` and, when records have labels, score them.
 
-    model: a LlamaForCausalLM with weights loaded; tokenizer: a LlamaTokenizer;
+    model: a LlamaForCausalLM with weights loaded; tokenizer: a mindsft tokenizer (`load_tokenizer`);
     generation_config: a GenerationConfig or a mapping of HF generation_config keys;
     template_name: the training data's template (`raw` for plain completion);
     output_dir: where generated_predictions.jsonl and predict_results.json go (None: not written);
     stream: a text stream to print a single prompt's reply as it grows (None: stdout when there
     is exactly one prompt; False: never). Returns {"predictions": [...], "metrics": {...}}.
     """
-    if not isinstance(generation_config, GenerationConfig):
-        generation_config = GenerationConfig.from_mapping(generation_config or {})
-    if generation_config.eos_token_id is None:
-        generation_config = generation_config.updated(eos_token_id=tokenizer.eos_id)
-    if generation_config.pad_token_id is None:
-        generation_config = generation_config.updated(pad_token_id=tokenizer.pad_id)
-    template = get_template(template_name or "raw", tokenizer_config_path)
+    template = get_template(template_name or "raw", tokenizer_config_path, tokenizer)
+    generation_config = generation_settings(generation_config, tokenizer, template)
     records = load_prompt_records(predict_data)
     prompts_text = [template.render_prompt(r.messages) for r in records]
     prompts_ids = [template.encode_prompt(tokenizer, r.messages) for r in records]
@@ -160,13 +174,15 @@ def run_predict(model, tokenizer, predict_data, generation_config=None, template
     printer = None
     if stream is None and len(records) == 1:
         stream = sys.stdout
-    if stream and len(records) == 1:
+    # Beam search knows its best reply only at the end: nothing to stream.
+    if stream and len(records) == 1 and int(generation_config.num_beams) == 1:
         printer = StreamPrinter(tokenizer, stop_ids, stream)
 
     # Similar lengths share a batch so that little padding is computed.
     order = sorted(range(len(records)), key=lambda i: len(prompts_ids[i]))
     replies = [None] * len(records)
-    totals = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
+    totals = {"prefill_tokens": 0, "timed_prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0,
+              "decode_seconds": 0.0, "compile_seconds": 0.0}
     stopped_count = 0
     batches = range(0, len(order), batch_size)
     start_time = time.perf_counter()
@@ -195,9 +211,11 @@ def run_predict(model, tokenizer, predict_data, generation_config=None, template
         "num_hit_max_new_tokens": len(records) - stopped_count,
         "template": template.name if template_name != "hf" else "hf",
         "prefill_tokens": totals["prefill_tokens"],
-        "prefill_tokens_per_second": rate(totals["prefill_tokens"], totals["prefill_seconds"]),
+        # Rates leave out the calls that compiled a graph (see GenerationOutput).
+        "prefill_tokens_per_second": rate(totals["timed_prefill_tokens"], totals["prefill_seconds"]),
         "decode_tokens": totals["decode_tokens"],
         "decode_tokens_per_second": rate(totals["decode_tokens"], totals["decode_seconds"]),
+        "compile_seconds": totals["compile_seconds"],
         "runtime_seconds": elapsed,
     }
     labelled = [(r, p) for r, p in zip(records, predictions) if r.label is not None]
@@ -231,12 +249,14 @@ def write_predict_outputs(output_dir, predictions, metrics):
             json.dump(metrics, f, indent=2, ensure_ascii=False)
 
 
-DEFAULT_TEMPLATE = "vicuna_v1.1"   # llama_preprocess's default
+# A checkpoint with no training record is taken for a base model: it continues text, it was
+# never taught a chat template.
+BASE_MODEL_TEMPLATE = "raw"
 
 
 def resolve_template(config):
-    """The template the model was trained with: --template / YAML, else the training run's
-    run_summary.json beside the checkpoint, else the train dataset's manifest, else vicuna_v1.1."""
+    """(template, where it came from): --template / YAML, else the training run's run_summary.json
+    beside the checkpoint, else the train dataset's manifest, else `raw` (a base model)."""
     if config.template:
         return config.template, "config"
     if config.load_checkpoint:
@@ -252,14 +272,25 @@ def resolve_template(config):
     template, source = recorded_template(config.train_dataset.data_loader.dataset_dir)
     if template:
         return template, source
-    return DEFAULT_TEMPLATE, "default"
+    return BASE_MODEL_TEMPLATE, None
+
+
+def recorded_tokenizer_config(config, template_name):
+    """For template hf: the tokenizer_config.json llama_preprocess rendered the training data with
+    (None: the tokenizer's own, beside its tokenizer.json)."""
+    dataset_dir = config.train_dataset.data_loader.dataset_dir
+    if template_name != "hf" or not dataset_dir:
+        return None
+    from mindsft.data.schema import dataset_manifest
+    path = (dataset_manifest(dataset_dir) or {}).get("tokenizer_config")
+    return path if path and os.path.isfile(path) else None
 
 
 def run(config):
     """run_mode predict from a run config: build the model, load `load_checkpoint`, answer
     `predict_data` in the training template, write the outputs to `output_dir`."""
     from mindsft.errors import ConfigError
-    from mindsft.tokenizer import LlamaTokenizer
+    from mindsft.tokenizer import load_tokenizer
     import mindspore as ms
     from mindsft.models.build import build_model, load_start_weights
 
@@ -269,13 +300,18 @@ def run(config):
         raise ConfigError("run_mode predict needs --load_checkpoint (the trained or converted .ckpt)")
     tokenizer_file = config.processor.tokenizer.vocab_file
     if not tokenizer_file and config.pretrained_model_dir:
-        tokenizer_file = os.path.join(config.pretrained_model_dir, "tokenizer.model")
+        tokenizer_file = config.pretrained_model_dir  # its tokenizer.model, else its tokenizer.json
     if not tokenizer_file:
         raise ConfigError("run_mode predict needs the tokenizer: set processor.tokenizer.vocab_file "
-                          "(--processor.tokenizer.vocab_file PATH/tokenizer.model)")
-    tokenizer = LlamaTokenizer(tokenizer_file)
+                          "(--processor.tokenizer.vocab_file PATH/tokenizer.model, PATH/tokenizer.json or an "
+                          "HF model folder)")
+    tokenizer = load_tokenizer(tokenizer_file)
     template_name, source = resolve_template(config)
-    print(f"template: {template_name} (from {source})")
+    if source is None:
+        print(f"template: {template_name} (no training record beside {config.load_checkpoint}: a base model "
+              "continues the prompt as plain text; --template NAME asks in a chat template)")
+    else:
+        print(f"template: {template_name} (from {source})")
     # Generation compiles its own steps with ms.jit; only an accelerator needs selecting.
     if config.context.device_target != "CPU":
         ms.set_device(config.context.device_target)
@@ -283,9 +319,16 @@ def run(config):
     model = build_model(config)
     load_start_weights(model, config)
     result = run_predict(model, tokenizer, config.predict_data, config.generation_config, template_name,
-                         output_dir=config.output_dir)
-    metrics = result["metrics"]
-    print(f"prefill {metrics['prefill_tokens_per_second']:.1f} tokens/s, "
-          f"decode {metrics['decode_tokens_per_second']:.1f} tokens/s; "
-          f"predictions: {os.path.join(config.output_dir, PREDICTIONS_FILE)}")
+                         output_dir=config.output_dir,
+                         tokenizer_config_path=recorded_tokenizer_config(config, template_name))
+    print(f"{speed_summary(result['metrics'])}; predictions: {os.path.join(config.output_dir, PREDICTIONS_FILE)}")
     return result
+
+
+def speed_summary(metrics):
+    """Decode and prefill tokens/s, compilation left out and said so."""
+    def figure(name):
+        value = metrics[f"{name}_tokens_per_second"]
+        return f"{name} {value:.1f} tokens/s" if value > 0 else f"{name}: every call compiled, no timing"
+    return (f"{figure('decode')}, {figure('prefill')} "
+            f"(not counting {metrics['compile_seconds']:.1f} s of graph compilation)")

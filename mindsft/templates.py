@@ -1,21 +1,21 @@
 """The prompt-template registry: one place that turns a conversation into text and tokens.
 
 A template lays a conversation out as a list of `Segment`s: plain text that the model reads
-(`learned=False`), reply text that it learns (`learned=True`), and the special tokens BOS/EOS.
-Training data, the rendered text and the inference prompt all come from the same segments, so
-the prompt the model is asked at predict time is byte for byte the text it was trained on
-before each reply.
+(`learned=False`), reply text that it learns (`learned=True`), and special tokens (BOS, EOS or a
+control token such as `<|eot_id|>`). Training data, the rendered text and the inference prompt
+all come from the same segments, so the prompt the model is asked at predict time is byte for
+byte the text it was trained on before each reply. The token that ends each reply is learned.
 
 Messages are `[{"role": "user" | "assistant" | "system", "content": str}]`: an optional system
-message first, then user and assistant turns alternating, starting with the user.
+message first, then user and assistant turns alternating, starting with the user. The `hf`
+template also takes what its jinja template reads (tools, tool calls, reasoning).
 """
 import dataclasses
 import os
 
 import numpy as np
 
-from mindsft.errors import ConfigError, DataError
-from mindsft.input_files import read_json
+from mindsft.errors import ConfigError, DataError, MindsftError
 
 BOS_TEXT, EOS_TEXT = "<s>", "</s>"
 
@@ -43,7 +43,8 @@ def alpaca_prompt(instruction, input_text=""):
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """A run of text, or a special token (`special` = "bos" | "eos"), learned or not."""
+    """A run of text, or a special token (`special` = "bos" | "eos" | the token's text, e.g.
+    "<|eot_id|>"), learned or not."""
     text: str = ""
     learned: bool = False
     special: str = None
@@ -70,17 +71,26 @@ def split_system(messages, system=None):
 
 
 class Template:
-    """Base: subclasses say how one round (user turn, assistant reply) is laid out."""
+    """Base: subclasses say how one round (user turn, assistant reply) is laid out.
+
+    bos: the special token that opens a conversation (None: nothing); end_token: the special
+    token that ends a reply, at which generation stops.
+    """
     name = None
     default_system = None
+    bos = "bos"
+    end_token = "eos"
 
     def round_segments(self, index, system, user, reply):
         """Segments of round `index`; `reply` is None for the generation prompt."""
         raise NotImplementedError
 
-    def segments(self, messages, system=None, add_generation_prompt=False):
+    def segments(self, messages, system=None, add_generation_prompt=False, tools=None):
         """The whole conversation as segments. With `add_generation_prompt` the last message must
         be a user turn and the segments end where the assistant's reply starts."""
+        if tools:
+            raise DataError(f"the record has tools, which template {self.name!r} cannot write "
+                            "(use --template hf with a chat_template that takes tools)")
         system, turns = split_system(messages, system)
         if system is None:
             system = self.default_system
@@ -89,7 +99,7 @@ class Template:
             raise DataError("the prompt must end with a user message")
         if not add_generation_prompt and last_is_user:
             raise DataError("conversation ends with a user turn that has no assistant reply")
-        out = [Segment(special="bos")]
+        out = [Segment(special=self.bos)] if self.bos else []
         for index in range(0, len(turns), 2):
             reply = turns[index + 1]["content"] if index + 1 < len(turns) else None
             out.extend(self.round_segments(index // 2, system, turns[index]["content"], reply))
@@ -117,7 +127,7 @@ def segment_text(segment):
         return BOS_TEXT
     if segment.special == "eos":
         return EOS_TEXT
-    return segment.text
+    return segment.text if segment.special is None else segment.special
 
 
 class VicunaTemplate(Template):
@@ -193,54 +203,248 @@ class RawTemplate(Template):
         return out
 
 
-class HFChatTemplate(Template):
-    """The jinja2 `chat_template` of a HuggingFace `tokenizer_config.json`.
+def _header(role):
+    """Llama 3's `<|start_header_id|>role<|end_header_id|>\n\n`."""
+    return [Segment(special="<|start_header_id|>"), Segment(role),
+            Segment(special="<|end_header_id|>"), Segment("\n\n")]
 
-    Reply spans are found by rendering each prefix with the generation prompt and the prefix
-    with the reply; a template for which the first is not a prefix of the second is refused.
+
+class Llama3Template(Template):
+    """Llama 3's chat format, as its tokenizer's chat_template renders it: each message as
+    `<|start_header_id|>role<|end_header_id|>\n\n` + content (trimmed) + `<|eot_id|>`."""
+    name = "llama3"
+    bos = "<|begin_of_text|>"
+    end_token = "<|eot_id|>"
+
+    def round_segments(self, index, system, user, reply):
+        out = []
+        if index == 0 and system is not None:
+            out += _header("system") + [Segment(system.strip()), Segment(special=self.end_token)]
+        out += _header("user") + [Segment(user.strip()), Segment(special=self.end_token)] + _header("assistant")
+        if reply is not None:
+            out += [Segment(reply.strip(), learned=True), Segment(special=self.end_token, learned=True)]
+        return out
+
+
+def _chatml_turn(role, content):
+    return [Segment(special="<|im_start|>"), Segment(role + "\n" + content), Segment(special="<|im_end|>"),
+            Segment("\n")]
+
+
+class QwenTemplate(Template):
+    """Qwen2.5's ChatML: `<|im_start|>role\ncontent<|im_end|>\n`, with Qwen2.5's default system
+    turn when the conversation has none; a reply and its `<|im_end|>` are learned."""
+    name = "qwen"
+    default_system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    bos = None
+    end_token = "<|im_end|>"
+
+    def round_segments(self, index, system, user, reply):
+        out = _chatml_turn("system", system) if index == 0 else []
+        out += _chatml_turn("user", user) + [Segment(special="<|im_start|>"), Segment("assistant\n")]
+        if reply is not None:
+            out += [Segment(reply, learned=True), Segment(special=self.end_token, learned=True), Segment("\n")]
+        return out
+
+
+class MistralTemplate(Template):
+    """Mistral's `[INST] q[/INST] a</s>` (the chat_template of Mistral 7B Instruct v0.3, whose
+    tokenizer has `[INST]`/`[/INST]` as control tokens); the reply is trimmed and follows a space.
+
+    One difference, on purpose: Mistral's template puts a system message before the last user
+    turn only, so a trained conversation would never show it; here it opens the first user turn
+    (as mistral_common's v1 tokenizer does), and the prompt is the text trained on.
+    """
+    name = "mistral"
+    default_system = ""
+    # The spaces around [INST] are written for a tokenizer.json, which reads the text whole; a
+    # SentencePiece model encodes each run with a dummy-prefix space of its own.
+    needs_tokenizer_json = True
+
+    def round_segments(self, index, system, user, reply):
+        head = system + "\n\n" if index == 0 and system else ""
+        out = [Segment(special="[INST]"), Segment(" " + head + user), Segment(special="[/INST]")]
+        if reply is not None:
+            out += [Segment(" " + reply.strip(), learned=True), Segment(special="eos", learned=True)]
+        return out
+
+
+class Baichuan2Template(Template):
+    """Baichuan2-Chat: the system text, then `<reserved_106>` question `<reserved_107>` answer per
+    round (the user and assistant tokens of Baichuan2's generation_config), no BOS, as Baichuan2's
+    own fine-tune.py lays out a conversation; each answer ends in EOS, which is learned."""
+    name = "baichuan2"
+    default_system = ""
+    bos = None
+
+    def round_segments(self, index, system, user, reply):
+        out = [Segment(system)] if index == 0 and system else []
+        out += [Segment(special="<reserved_106>"), Segment(user), Segment(special="<reserved_107>")]
+        if reply is not None:
+            out += [Segment(reply, learned=True), Segment(special="eos", learned=True)]
+        return out
+
+
+class _GenerationTag:
+    """Builds the jinja extension for HuggingFace's `{% generation %}...{% endgeneration %}`
+    marker (transformers uses it for assistant masks): here it renders its body unchanged."""
+
+    @staticmethod
+    def extension():
+        import jinja2.ext
+        import jinja2.nodes
+
+        class GenerationTag(jinja2.ext.Extension):
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+                return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+            def _body(self, caller):
+                return caller()
+
+        return GenerationTag
+
+
+def compile_chat_template(source):
+    """A jinja chat template compiled in the environment transformers renders it in (sandboxed,
+    trimmed blocks, its `tojson`, `raise_exception` and `strftime_now`, loop controls)."""
+    import datetime
+
+    import jinja2.ext
+    import jinja2.sandbox
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes HTML characters; transformers' does not.
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag.extension(), jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = _raise_template_error
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+# Names a message's reasoning comes under; transformers gives a template all of the first two.
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def template_messages(messages):
+    """Messages as transformers hands them to a chat template: keys whose value is None dropped,
+    reasoning under `reasoning_content` and `thinking` alike."""
+    out = []
+    for message in messages:
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+def check_hf_messages(messages, add_generation_prompt):
+    """Roles and content types of a conversation for a jinja template (tool turns allowed)."""
+    if not messages:
+        raise DataError("empty conversation")
+    for position, message in enumerate(messages):
+        role = message.get("role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise DataError(f"message {position}: unknown role {role!r}")
+        content = message.get("content")
+        if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
+            raise DataError(f"message {position}: content is {type(content).__name__}, not a string")
+    last = messages[-1]["role"]
+    if add_generation_prompt and last == "assistant":
+        raise DataError("the prompt must end with a user message")
+    if not add_generation_prompt and last != "assistant":
+        raise DataError("conversation ends with a user turn that has no assistant reply")
+
+
+class HFChatTemplate(Template):
+    """The jinja2 `chat_template` of a HuggingFace tokenizer, rendered as transformers renders it.
+
+    A reply starts where the text rendered up to it with the generation prompt ends (a template
+    for which that text does not open the conversation is refused), and runs through the first
+    end token after it (the tokenizer's eos or any end id of generation_config.json), so the
+    turn-ending token is learned; a template that writes none ends it where the text rendered
+    through the reply ends.
     """
     name = "hf"
 
-    def __init__(self, tokenizer_config_path):
-        import jinja2
-        import jinja2.sandbox
+    def __init__(self, tokenizer_config_path=None, tokenizer=None):
+        from mindsft.tokenizer.tokenizer_json import read_chat_template, read_json_file, token_text
+        if tokenizer_config_path is None and tokenizer is not None:
+            tokenizer_config_path = tokenizer.config_path
+        if tokenizer_config_path is None:
+            raise ConfigError("template 'hf' needs the path of a tokenizer_config.json with a chat_template "
+                              "(--tokenizer_config, or a tokenizer.json with its tokenizer_config.json beside it)")
         path = os.fspath(tokenizer_config_path)
-        config = read_json(path, ConfigError, "tokenizer_config.json", expect=dict)
-        source = config.get("chat_template")
-        if isinstance(source, list):  # the named-templates form: take "default"
-            source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+        try:
+            config = read_json_file(path, "tokenizer config")
+        except MindsftError as err:
+            raise ConfigError(str(err)) from None
+        source = read_chat_template(config, os.path.dirname(os.path.abspath(path)))
         if not isinstance(source, str):
             raise ConfigError(f"{path}: no chat_template to use for template 'hf'")
         self.path = path
-        self.bos_text = token_text(config.get("bos_token"), BOS_TEXT)
-        self.eos_text = token_text(config.get("eos_token"), EOS_TEXT)
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error
-        self.jinja = env.from_string(source)
+        self.special_tokens = {key: token_text(config.get(key)) for key in SPECIAL_TOKEN_KEYS
+                               if token_text(config.get(key)) is not None}
+        self.bos_text = self.special_tokens.get("bos_token")
+        self.eos_text = self.special_tokens.get("eos_token", EOS_TEXT)
+        end_texts = [self.eos_text]
+        if tokenizer is not None:
+            end_texts += [tokenizer.id_to_piece(i) for i in tokenizer.end_ids]
+        self.end_texts = tuple(dict.fromkeys(t for t in end_texts if t))
+        # A SentencePiece record starts with BOS (as MindFormers' do) even when the template does not
+        # write one; a tokenizer.json's ids stay exactly apply_chat_template's.
+        self.adds_missing_bos = tokenizer is None or not tokenizer.parses_special_text
+        self.jinja = compile_chat_template(source)
 
-    def _render(self, messages, add_generation_prompt):
-        return self.jinja.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                 bos_token=self.bos_text, eos_token=self.eos_text)
+    def _render(self, messages, add_generation_prompt, tools=None):
+        return self.jinja.render(messages=messages, tools=tools, documents=None,
+                                 add_generation_prompt=add_generation_prompt, **self.special_tokens)
 
-    def segments(self, messages, system=None, add_generation_prompt=False):
-        system, turns = split_system(messages, system)
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": m["role"], "content": m["content"]} for m in turns]
-        if add_generation_prompt != (turns[-1]["role"] == "user"):
-            raise DataError("the prompt must end with a user message" if add_generation_prompt
-                            else "conversation ends with a user turn that has no assistant reply")
-        text = self._render(messages, add_generation_prompt)
-        spans, start = [], 0
-        for end in range(len(messages)):
-            if messages[end]["role"] != "assistant":
+    def _prepare(self, messages, system, add_generation_prompt):
+        messages = template_messages(messages)
+        if system is not None:
+            rest = messages[1:] if messages and messages[0].get("role") == "system" else messages
+            messages = [{"role": "system", "content": system}] + rest
+        check_hf_messages(messages, add_generation_prompt)
+        return messages
+
+    def segments(self, messages, system=None, add_generation_prompt=False, tools=None):
+        messages = self._prepare(messages, system, add_generation_prompt)
+        text = self._render(messages, add_generation_prompt, tools)
+        begins = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
                 continue
-            before = self._render(messages[:end], True)
-            upto = self._render(messages[:end + 1], False)
-            if not upto.startswith(before) or not text.startswith(upto):
-                raise ConfigError(f"{self.path}: chat_template does not render each turn as a prefix "
-                                  "of the next, so reply spans cannot be found")
-            spans.append((len(before), len(upto)))
-        out = [] if text.startswith(self.bos_text) else [Segment(special="bos")]
+            if index == 0:
+                raise DataError("message 0: a conversation cannot open with an assistant turn")
+            before = self._render(messages[:index], True, tools)
+            if not text.startswith(before):
+                raise ConfigError(f"{self.path}: chat_template does not render the text before reply {index} "
+                                  "as the start of the whole conversation, so reply spans cannot be found")
+            begins.append((index, len(before)))
+        spans = []
+        for number, (index, begin) in enumerate(begins):
+            limit = begins[number + 1][1] if number + 1 < len(begins) else len(text)
+            found = [(at, len(t)) for t in self.end_texts for at in [text.find(t, begin, limit)] if at >= 0]
+            if found:
+                at, size = min(found)
+                spans.append((begin, at + size))
+                continue
+            upto = self._render(messages[:index + 1], False, tools)
+            if not text.startswith(upto) or len(upto) < begin:
+                raise ConfigError(f"{self.path}: reply {index} ends with none of {', '.join(self.end_texts)} "
+                                  "and the template does not render the conversation up to it as a prefix")
+            spans.append((begin, len(upto)))
+        missing_bos = self.adds_missing_bos and self.bos_text and not text.startswith(self.bos_text)
+        out, start = [Segment(special="bos")] if missing_bos else [], 0
         for begin, end in spans:
             out += self._split_special(text[start:begin], False) + self._split_special(text[begin:end], True)
             start = end
@@ -248,10 +452,12 @@ class HFChatTemplate(Template):
         return out
 
     def _split_special(self, text, learned):
+        """Segments of rendered text, BOS and EOS written as text turned into special segments (so a
+        SentencePiece tokenizer, which reads `</s>` as characters, gets their ids)."""
+        specials = [(t, kind) for t, kind in ((self.bos_text, "bos"), (self.eos_text, "eos")) if t]
         out, rest = [], text
         while rest:
-            positions = [(rest.find(t), t, kind) for t, kind in ((self.bos_text, "bos"), (self.eos_text, "eos"))
-                         if t and rest.find(t) >= 0]
+            positions = [(rest.find(t), t, kind) for t, kind in specials if rest.find(t) >= 0]
             if not positions:
                 out.append(Segment(rest, learned))
                 break
@@ -262,17 +468,12 @@ class HFChatTemplate(Template):
             rest = rest[at + len(token):]
         return out
 
-    def render(self, messages, system=None, add_generation_prompt=False):
-        text = "".join(segment_text(s) if s.special is None else
-                       (self.bos_text if s.special == "bos" else self.eos_text)
-                       for s in self.segments(messages, system, add_generation_prompt))
-        return text[len(self.bos_text):] if text.startswith(self.bos_text) else text
+    def render(self, messages, system=None, add_generation_prompt=False, tools=None):
+        """The text as the chat template renders it (transformers' `tokenize=False` output)."""
+        return self._render(self._prepare(messages, system, add_generation_prompt), add_generation_prompt, tools)
 
-
-def token_text(value, default):
-    if isinstance(value, dict):  # AddedToken serialised as {"content": ...}
-        value = value.get("content")
-    return value if isinstance(value, str) else default
+    def encode_prompt(self, tokenizer, messages, system=None, tools=None):
+        return encode_segments(tokenizer, self.segments(messages, system, add_generation_prompt=True, tools=tools))[0]
 
 
 def _raise_template_error(message):
@@ -286,10 +487,16 @@ def encode_segments(tokenizer, segments):
 
 
 def encode_segment_arrays(tokenizer, segments):
-    """Token ids (int32) and a learned flag per token (bool), as arrays. Each run of text between
-    special tokens is encoded on its own (as MindFormers encodes each round); a token is learned
-    when its UTF-8 byte span overlaps learned text, found from the tokenizer's offsets, never from
-    token counts."""
+    """Token ids (int32) and a learned flag per token (bool), as arrays. A token is learned when its
+    UTF-8 byte span overlaps learned text, found from the tokenizer's offsets, never from token counts.
+
+    A tokenizer that reads special tokens written as text (a tokenizer.json) encodes the whole
+    conversation as one text, as `apply_chat_template` does. Otherwise (SentencePiece) each run of
+    text between special tokens is encoded on its own (as MindFormers encodes each round) and the
+    special tokens go in as ids.
+    """
+    if tokenizer.parses_special_text:
+        return _encode_as_one_text(tokenizer, segments)
     ids, learned = [], []
     run = []
     for segment in segments + [None]:
@@ -309,11 +516,48 @@ def encode_segment_arrays(tokenizer, segments):
             learned.append(overlap_mask(begins, ends, spans))
             run = []
         if segment is not None:
-            ids.append([tokenizer.bos_id if segment.special == "bos" else tokenizer.eos_id])
-            learned.append([segment.learned])
+            token_id = tokenizer.special_id(segment.special)
+            if token_id is not None:
+                ids.append([token_id])
+                learned.append([segment.learned])
     if not ids:
         return np.zeros(0, np.int32), np.zeros(0, bool)
     return np.concatenate(ids).astype(np.int32), np.concatenate(learned).astype(bool)
+
+
+def encode_segment_batch(tokenizer, segments_list):
+    """`encode_segment_arrays` of each conversation in `segments_list`, as a list; a tokenizer.json
+    encodes them all in one call."""
+    if not tokenizer.parses_special_text:
+        return [encode_segment_arrays(tokenizer, segments) for segments in segments_list]
+    texts_and_spans = [_one_text(tokenizer, segments) for segments in segments_list]
+    encoded = tokenizer.encode_spans_batch([text for text, _ in texts_and_spans])
+    return [(ids.astype(np.int32), overlap_mask(begins, ends, spans))
+            for (ids, begins, ends), (_, spans) in zip(encoded, texts_and_spans)]
+
+
+def _encode_as_one_text(tokenizer, segments):
+    text, spans = _one_text(tokenizer, segments)
+    ids, begins, ends = tokenizer.encode_spans(text)
+    return ids.astype(np.int32), overlap_mask(begins, ends, spans)
+
+
+def _one_text(tokenizer, segments):
+    """The conversation as one text (special tokens written as text) and its learned byte spans."""
+    pieces, spans, offset = [], [], 0
+    for segment in segments:
+        text = segment.text if segment.special is None else tokenizer.special_text(segment.special)
+        if not text:
+            continue
+        size = len(text.encode("utf-8"))
+        if segment.learned:
+            if spans and spans[-1][1] == offset:
+                spans[-1] = (spans[-1][0], offset + size)
+            else:
+                spans.append((offset, offset + size))
+        pieces.append(text)
+        offset += size
+    return "".join(pieces), spans
 
 
 def overlap_mask(begins, ends, spans):
@@ -327,17 +571,34 @@ def overlap_mask(begins, ends, spans):
     return mask
 
 
-TEMPLATES = {t.name: t for t in (VicunaTemplate(), Llama2Template(), ChatMLTemplate(),
-                                 AlpacaTemplate(), RawTemplate())}
+TEMPLATES = {t.name: t for t in (VicunaTemplate(), Llama2Template(), ChatMLTemplate(), AlpacaTemplate(),
+                                 RawTemplate(), Llama3Template(), QwenTemplate(), MistralTemplate(),
+                                 Baichuan2Template())}
 TEMPLATE_NAMES = tuple(TEMPLATES) + ("hf",)
 
 
-def get_template(name, tokenizer_config_path=None):
-    """The template called `name`; `hf` reads the chat_template of `tokenizer_config_path`."""
+def get_template(name, tokenizer_config_path=None, tokenizer=None):
+    """The template called `name`; `hf` reads the chat_template of `tokenizer_config_path`, else of
+    the tokenizer's own tokenizer_config.json, and ends replies at the tokenizer's end tokens."""
     if name == "hf":
-        if tokenizer_config_path is None:
-            raise ConfigError("template 'hf' needs the path of a tokenizer_config.json with a chat_template")
-        return HFChatTemplate(tokenizer_config_path)
+        return HFChatTemplate(tokenizer_config_path, tokenizer)
     if name not in TEMPLATES:
         raise ConfigError(f"unknown template {name!r}; known: {', '.join(TEMPLATE_NAMES)}")
     return TEMPLATES[name]
+
+
+def check_template_tokens(template, tokenizer):
+    """Fail early, naming the token, when `tokenizer` lacks a special token `template` writes."""
+    if isinstance(template, HFChatTemplate):
+        return
+    if getattr(template, "needs_tokenizer_json", False) and not tokenizer.parses_special_text:
+        raise ConfigError(f"{tokenizer.path}: template {template.name!r} needs the model's tokenizer.json "
+                          "(pass it, not the tokenizer.model beside it)")
+    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+             {"role": "assistant", "content": "a"}]
+    for segment in template.segments(probe):
+        if segment.special is not None:
+            if tokenizer.parses_special_text:
+                tokenizer.special_text(segment.special)
+            else:
+                tokenizer.special_id(segment.special)

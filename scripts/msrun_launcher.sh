@@ -60,10 +60,20 @@ fi
 case "$JOIN" in true) JOIN=True ;; false) JOIN=False ;; esac
 mkdir -p "$LOG_DIR" || fail "cannot create LOG_DIR '$LOG_DIR'"
 
+first=$(( NODE_RANK * LOCAL_WORKER ))
+# With JOIN the console follows this node's first worker only (rank 0 is the one that reports);
+# every worker's full output stays in its log.
 ARGS=(--worker_num="$WORKER_NUM" --local_worker_num="$LOCAL_WORKER" --master_addr="$MASTER_ADDR"
       --master_port="$MASTER_PORT" --node_rank="$NODE_RANK" --log_dir="$LOG_DIR" --join="$JOIN"
-      --cluster_time_out="$CLUSTER_TIME_OUT")
+      --cluster_time_out="$CLUSTER_TIME_OUT" --tail_worker_log="$first")
 echo "msrun ${ARGS[*]} $COMMAND"
+
+# MindSpore's own log lines below ERROR ([INFO] DISTRIBUTED(...), [WARNING] ME(...)) and msrun's
+# per-process start lines are for the logs, not the person watching; errors and the run's own
+# lines pass.
+console_filter() {
+  grep --line-buffered -v -E '^\[(DEBUG|INFO|WARNING)\] [A-Z_]+\([0-9]+[,:]|^Start (scheduler|worker) process' || true
+}
 # The command is word-split on purpose: it is a script with its arguments, as MindFormers' launcher takes it.
 # msrun starts a scheduler on every node whose MASTER_ADDR is one of its own addresses; for node
 # ranks > 0 on the master's machine (several "nodes" on one host) that second scheduler collides
@@ -90,13 +100,12 @@ if (( NODE_RANK > 0 )) && [[ "$local_master" == "True" ]]; then
   fi
 # shellcheck disable=SC2086
 elif [[ "$JOIN" == "True" ]]; then
-  msrun "${ARGS[@]}" $COMMAND
-  status=$?
+  msrun "${ARGS[@]}" $COMMAND 2>&1 | console_filter
+  status=${PIPESTATUS[0]}
 else
-  msrun "${ARGS[@]}" $COMMAND &
+  msrun "${ARGS[@]}" $COMMAND 2>&1 | console_filter &
   status=0
 fi
-first=$(( NODE_RANK * LOCAL_WORKER ))
 for (( i = first; i < first + LOCAL_WORKER; i++ )); do
   echo "worker $i log: $LOG_DIR/worker_$i.log"
 done

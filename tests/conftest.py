@@ -23,3 +23,10 @@ def tiny_hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama-hf"
     write_tiny_hf_llama(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def bpe_dir(tmp_path_factory):
+    """A small byte-level BPE HuggingFace folder (Llama 3-like: BOS, <|eot_id|>, two end ids)."""
+    from tokenizer_helpers import write_bpe_tokenizer
+    return Path(write_bpe_tokenizer(tmp_path_factory.mktemp("bpe") / "bpe", generation_eos=[2, 1]))

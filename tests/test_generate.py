@@ -145,8 +145,8 @@ def test_generation_config_reads_hf_generation_config_json(tiny_hf_dir):
 def test_generation_config_rejects_unknown_keys_with_a_suggestion():
     with pytest.raises(ConfigError, match="'max_new_token'.*did you mean 'max_new_tokens'"):
         GenerationConfig.from_mapping({"max_new_token": 8})
-    with pytest.raises(ConfigError, match="beam search"):
-        GenerationConfig.from_mapping({"num_beams": 4})
+    with pytest.raises(ConfigError, match="beam sampling"):
+        GenerationConfig.from_mapping({"num_beams": 4, "do_sample": True})
     with pytest.raises(ConfigError, match="top_p"):
         GenerationConfig(top_p=0.0)
 

@@ -41,10 +41,10 @@ def converted(tmp_path_factory):
     return model, LlamaTokenizer(hf_dir / "tokenizer.model"), hf
 
 
-def hf_reply(hf, tokenizer, prompt_ids, max_new_tokens=32):
+def hf_reply(hf, tokenizer, prompt_ids, max_new_tokens=32, **settings):
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens,
-                          eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+                          eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, **settings)
     new = out[0, len(prompt_ids):].tolist()
     if new and new[-1] == tokenizer.eos_id:
         new = new[:-1]
@@ -73,6 +73,22 @@ def test_replies_equal_transformers_greedy_on_converted_weights(converted, tmp_p
     assert metrics["num_prompts"] == 3 and metrics["decode_tokens_per_second"] > 0
     assert metrics["prefill_tokens"] == sum(len(template.encode_prompt(tokenizer, [
         {"role": "user", "content": q}])) for q in questions)
+
+
+def test_beam_search_replies_equal_transformers_num_beams_4(converted):
+    model, tokenizer, hf = converted
+    questions = ["What is the capital of France?", "Write a short poem about the sea."]
+    settings = {"max_new_tokens": 16, "num_beams": 4, "length_penalty": 0.5, "early_stopping": True}
+    out = io.StringIO()
+    result = run_predict(model, tokenizer, questions[:1], settings, template_name="vicuna_v1.1", stream=out)
+    result["predictions"] += run_predict(model, tokenizer, questions[1:], settings, template_name="vicuna_v1.1",
+                                         stream=False)["predictions"]
+    template = get_template("vicuna_v1.1")
+    for question, entry in zip(questions, result["predictions"]):
+        prompt_ids = template.encode_prompt(tokenizer, [{"role": "user", "content": question}])
+        assert entry["predict"] == hf_reply(hf, tokenizer, prompt_ids, 16, num_beams=4, length_penalty=0.5,
+                                            early_stopping=True)
+    assert out.getvalue() == ""  # the best beam is known only at the end: nothing is streamed
 
 
 def test_alpaca_records_give_labels_bleu_rouge_and_the_training_loss(converted, tmp_path):

@@ -69,10 +69,15 @@ def test_template_flag_overrides_and_raw_is_plain_completion(converted, tmp_path
     assert entry["prompt"] == "What is the capital of Peru?"
 
 
-def test_without_a_recorded_template_vicuna_is_used(converted, tmp_path):
+def test_a_base_model_without_training_record_continues_plain_text_and_says_so(converted, tmp_path, capsys):
     hf_dir, _, ckpt = converted
     [entry] = predict(ckpt, hf_dir, tmp_path / "out")
-    assert entry["prompt"].endswith("USER: What is the capital of Peru? ASSISTANT:")
+    assert entry["prompt"] == "What is the capital of Peru?"
+    printed = capsys.readouterr().out
+    assert f"template: raw (no training record beside {ckpt}" in printed
+    assert json.loads((tmp_path / "out" / "predict_results.json").read_text())["template"] == "raw"
+    # One prompt compiles both graphs on its first calls: the figures say so instead of a slow rate.
+    assert "prefill: every call compiled, no timing" in printed and "s of graph compilation" in printed
 
 
 def test_predict_without_tokenizer_says_what_to_set(converted, tmp_path, capsys):

@@ -2,12 +2,14 @@
 import argparse
 import sys
 
+from mindsft.cli import HelpFormatter
 from mindsft.data.alpaca import convert_alpaca
 from mindsft.errors import report, user_errors
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         description="Turn alpaca records ({instruction, input, output}; JSON array or JSON Lines) into "
                     "conversations [{from: human, value: Alpaca prompt}, {from: gpt, value: output}], "
                     "ids '1', '2', ... (MindFormers' alpaca_converter format).")

@@ -19,14 +19,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mindsft.errors import report, user_errors  # noqa: E402
+from mindsft.cli import HelpFormatter  # noqa: E402
+from mindsft.errors import MindsftError, report, user_errors  # noqa: E402
 from mindsft.models.families import FAMILIES  # noqa: E402
 
 MODELS = tuple(dict.fromkeys(name for family in FAMILIES.values() for name in (family.name,) + family.mindformers_names))
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default=None,
                         help=f"model family: {', '.join(MODELS)} (default: read from config.json)")
     parser.add_argument("--input_path", required=True,
@@ -41,7 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--hf_config", default=None, help="with --reversed: a HuggingFace config.json instead of --config")
     parser.add_argument("--tokenizer_dir", default=None,
                         help="with --reversed: folder whose tokenizer files are copied into the output")
-    parser.add_argument("--max_shard_size", default="5GB", help="with --reversed: largest safetensors shard (default 5GB)")
+    parser.add_argument("--max_shard_size", default="5GB", help="with --reversed: largest safetensors shard")
     parser.add_argument("--overwrite", action="store_true",
                         help="with --reversed: replace an existing output folder that holds a previous "
                              "conversion (a folder holding anything else is never replaced)")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mindsft.cli import HelpFormatter  # noqa: E402
 from mindsft.config import load_run_config  # noqa: E402
 from mindsft.convert.peft import merge_lora_files  # noqa: E402
 from mindsft.errors import MindsftError, report, user_errors  # noqa: E402
@@ -14,6 +15,7 @@ from mindsft.lora_config import LoraConfig  # noqa: E402
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         description="Merge LoRA adapters into base weights (W + alpha/rank * B A). The base is a "
                     "MindSpore .ckpt (MindFormers names) or a HuggingFace model folder; the adapter is a "
                     "PEFT folder (adapter_model.safetensors + adapter_config.json) or an adapter .ckpt "

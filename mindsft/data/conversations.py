@@ -9,6 +9,8 @@ import os
 from mindsft.errors import DataError
 from mindsft.templates import alpaca_prompt, split_system
 
+# Message fields besides role and content that chat templates read (tool calls, reasoning).
+TOOL_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking", "reasoning")
 # ShareGPT speakers as they appear in the wild, mapped to chat roles.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "system": "system"}
@@ -83,9 +85,14 @@ def normalize_record(record):
             for key in ("role", "content"):
                 if key not in turn:
                     raise DataError(f"messages[{position}] has no '{key}' field")
-            if turn["role"] not in ("user", "assistant", "system"):
+            if turn["role"] not in ("user", "assistant", "system", "tool"):
                 raise DataError(f"messages[{position}]: unknown role {turn['role']!r}")
-            messages.append({"role": turn["role"], "content": turn["content"]})
+            message = {"role": turn["role"], "content": turn["content"]}
+            # What a jinja chat template reads besides the text (template hf): kept as given.
+            message.update({key: turn[key] for key in TOOL_MESSAGE_KEYS if turn.get(key) is not None})
+            if message["content"] is None and message.get("tool_calls"):
+                message["content"] = ""
+            messages.append(message)
     elif "instruction" in record:
         for key in ("instruction", "input", "output"):
             if key in record and not isinstance(record[key], str):
@@ -98,6 +105,17 @@ def normalize_record(record):
     for position, message in enumerate(messages):
         if not isinstance(message["content"], str):
             raise DataError(f"turn {position}: value is {type(message['content']).__name__}, not a string")
-    # Order and emptiness are checked here so a reader of prompts gets the same errors as training.
-    split_system(messages)
+    # Order and emptiness are checked here so a reader of prompts gets the same errors as training;
+    # a conversation with tool turns is checked by the chat template that renders it.
+    if not any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+        split_system(messages)
     return messages
+
+
+def record_tools(record):
+    """The tool schemas of an OpenAI-style record (`tools`), or None."""
+    tools = record.get("tools") if isinstance(record, dict) else None
+    if tools is not None and not isinstance(tools, list):
+        raise DataError("'tools' is not a list")
+    return tools or None
+

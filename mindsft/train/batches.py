@@ -13,13 +13,18 @@ import mindspore.dataset as ds
 
 from mindsft.data.schema import (BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, dataset_manifest, mindrecord_files,
                                  record_length)
+from mindsft.data.split import recorded_eval_dataset_dir
 from mindsft.errors import DataError
 
 
 def build_data(config, dataset, rank, world_size, train=True):
     """The ShardedBatches of a run config's train_dataset (train) or eval_dataset (in order, whole)."""
+    dataset_dir = dataset.data_loader.dataset_dir
+    if not train and not dataset_dir:
+        # llama_preprocess --val_size wrote eval records beside the train ones and recorded where.
+        dataset_dir = recorded_eval_dataset_dir(config.train_dataset.data_loader.dataset_dir)
     return ShardedBatches(
-        dataset.data_loader.dataset_dir, config.model_config.seq_length, config.runner_config.batch_size,
+        dataset_dir, config.model_config.seq_length, config.runner_config.batch_size,
         data_parallel=world_size, rank=rank,
         accumulation_steps=config.runner_config.gradient_accumulation_steps if train else 1,
         shuffle=dataset.data_loader.shuffle if train else False, seed=config.seed,

@@ -41,6 +41,9 @@ def evaluate(config):
     load_start_weights(model, config, rank)
     loss, perplexity = evaluate_loss(model, data.batches(), world_size)
     result = {"eval_loss": loss, "eval_perplexity": perplexity, "records": data.num_records}
+    if config.eval_dataset.predict_with_generate and rank == 0:
+        from mindsft.generation_eval import GenerationEval
+        result.update(GenerationEval.from_config(config, model, data.files)())
     if rank == 0:
         os.makedirs(config.output_dir, exist_ok=True)
         with atomic_output(os.path.join(config.output_dir, "eval_results.json")) as tmp:

@@ -1,9 +1,12 @@
-"""What a person watches during a run: a progress bar and one line per step on rank 0,
-`metrics.jsonl`, TensorBoard scalars, and a loss curve PNG at the end."""
+"""What a person watches during a run, on rank 0: on a terminal one progress bar (loss, lr, ETA)
+and a full log line every `per_print_times` steps; elsewhere (a log file, a pipe, msrun's worker
+logs) log lines only, every step unless told otherwise. Also `metrics.jsonl`, TensorBoard
+scalars, and a loss curve PNG at the end."""
 import json
 import math
 import os
 import struct
+import sys
 import time
 
 from tqdm import tqdm
@@ -106,13 +109,34 @@ def format_seconds(seconds):
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-class TrainingMonitor:
-    """Per-step reporting. Only rank 0 prints and writes files; other ranks stay quiet."""
+# Log lines between bar updates on a terminal when per_print_times is not set: the bar already
+# shows every step, so a line each step would scroll the bar away.
+TERMINAL_PRINT_EVERY = 10
 
-    def __init__(self, output_dir, total_steps, start_step, is_main, print_every=1, resume=False):
+
+def is_terminal(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class TrainingMonitor:
+    """Per-step reporting. Only rank 0 prints and writes files; other ranks stay quiet.
+
+    print_every: a log line every N steps (and at the last); None: 1 off a terminal,
+    TERMINAL_PRINT_EVERY on one. stream: where the bar and lines go (stdout).
+    """
+
+    def __init__(self, output_dir, total_steps, start_step, is_main, print_every=None, resume=False, stream=None):
         self.is_main = is_main
         self.total_steps = total_steps
-        self.print_every = max(print_every, 1)
+        self.stream = stream or sys.stdout
+        interactive = is_terminal(self.stream)
+        if print_every is None:
+            print_every = TERMINAL_PRINT_EVERY if interactive else 1
+        self.print_every = max(int(print_every), 1)
+        self.bar = None
         self.started = None
         self.steps_timed = 0
         self.time_spent = 0.0
@@ -126,7 +150,18 @@ class TrainingMonitor:
         else:
             trim_metrics(self.metrics_path, start_step)
         self.tensorboard = TensorBoardWriter(os.path.join(output_dir, "tensorboard"))
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        if interactive:
+            # tqdm's own time estimate would count the first step's compilation: ours is in the postfix.
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            file=self.stream, bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                                         "[{elapsed}{postfix}]")
+
+    def write(self, text):
+        """A full line on the console, above the bar when there is one."""
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
 
     def log_step(self, record, step_seconds, first_step_of_run):
         """Record one optimizer step; `record` has step, epoch, loss, lr, grad_norm, loss_scale, tokens, samples."""
@@ -144,27 +179,33 @@ class TrainingMonitor:
             f.write(json.dumps(record) + "\n")
         self.tensorboard.scalars(record["step"], {k: record[k] for k in
                                                   ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s")})
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                                     f"ETA {format_seconds(record['eta_s'])}", refresh=False)
+            self.bar.update(1)
         if record["step"] % self.print_every == 0 or record["step"] == self.total_steps:
-            self.bar.write(
+            self.write(
                 f"step {record['step']}/{self.total_steps} epoch {record['epoch']} loss {record['loss']:.6f} "
                 f"lr {record['lr']:.3e} grad_norm {record['grad_norm']:.4f} loss_scale {record['loss_scale']:g} "
                 f"tokens/s {record['tokens_per_s']:.0f} samples/s {record['samples_per_s']:.2f} "
                 f"step_time {step_seconds * 1000:.0f} ms ETA {format_seconds(record['eta_s'])}")
         return record
 
-    def log_eval(self, step, loss, perplexity):
+    def log_eval(self, step, loss, perplexity, scores=None):
+        """Eval loss and perplexity, and `scores` of generation ({"eval_bleu-4": ...}) if any."""
         if not self.is_main:
             return
+        values = {"eval_loss": loss, "eval_perplexity": perplexity, **(scores or {})}
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, "eval_loss": loss, "eval_perplexity": perplexity}) + "\n")
-        self.tensorboard.scalars(step, {"eval_loss": loss, "eval_perplexity": perplexity})
-        self.bar.write(f"eval at step {step}: loss {loss:.6f} perplexity {perplexity:.4f}")
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        self.tensorboard.scalars(step, values)
+        extra = "".join(f" {name[len('eval_'):]} {value:.2f}" for name, value in (scores or {}).items())
+        self.write(f"eval at step {step}: loss {loss:.6f} perplexity {perplexity:.4f}{extra}")
 
     def close(self):
         if self.is_main:
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
             self.tensorboard.close()
 
 
@@ -194,7 +235,8 @@ def read_metrics(path):
 
 
 def plot_loss(metrics_path, output_path=None):
-    """Loss curve PNG beside metrics.jsonl (raw and smoothed, as LLaMA-Factory's plot_loss)."""
+    """Loss curve PNG beside metrics.jsonl: the training loss raw and smoothed, as LLaMA-Factory's
+    plot_loss draws it, and the eval loss where the run evaluated."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -214,6 +256,10 @@ def plot_loss(metrics_path, output_path=None):
     figure = plt.figure()
     plt.plot(steps, losses, color="#1f77b4", alpha=0.4, label="original")
     plt.plot(steps, smoothed, color="#1f77b4", label="smoothed")
+    evaluated = [r for r in read_metrics(metrics_path) if "eval_loss" in r]
+    if evaluated:
+        plt.plot([r["step"] for r in evaluated], [r["eval_loss"] for r in evaluated], color="#ff7f0e",
+                 marker="o", label="eval_loss")
     plt.title(f"training loss of {os.path.dirname(os.path.abspath(metrics_path))}")
     plt.xlabel("step")
     plt.ylabel("loss")

@@ -13,6 +13,7 @@ from mindsft.convert.convert import model_config_path, write_model_config
 from mindsft.data.schema import recorded_template
 from mindsft.files import atomic_output, remove_partials
 from mindsft.models.build import build_model, load_start_weights, restore_training_state, uses_lora
+from mindsft.generation_eval import GenerationEval
 from mindsft.train import checkpoint as ckpt
 from mindsft.train.batches import build_data
 from mindsft.train.context import setup_context
@@ -56,6 +57,10 @@ def train(config):
     model = build_model(config)
     if not (config.resume_training and config.load_checkpoint and os.path.isdir(config.load_checkpoint)):
         load_start_weights(model, config, rank)
+    # Only rank 0 reports, so only it generates (the others wait for it at the next step).
+    generation_eval = None
+    if eval_data is not None and config.eval_dataset.predict_with_generate and is_main:
+        generation_eval = GenerationEval.from_config(config, model, eval_data.files)
 
     params = model.trainable_params()
     opt = config.optimizer
@@ -122,7 +127,9 @@ def train(config):
                 save_state(config, checkpoint_dir, rank, model, optimizer, state, epoch, step_in_epoch)
             if eval_data is not None and config.eval_step_interval > 0 \
                     and state["global_step"] % config.eval_step_interval == 0:
-                monitor.log_eval(state["global_step"], *evaluate_loss(model, eval_data.batches(), world_size))
+                eval_loss, perplexity = evaluate_loss(model, eval_data.batches(), world_size)
+                scores = generation_eval() if generation_eval is not None else {}
+                monitor.log_eval(state["global_step"], eval_loss, perplexity, scores)
     monitor.close()
     if checkpoint_settings and state["global_step"] % checkpoint_settings.save_checkpoint_steps != 0:
         save_state(config, checkpoint_dir, rank, model, optimizer, state, config.runner_config.epochs - 1,

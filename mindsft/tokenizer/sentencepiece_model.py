@@ -1,5 +1,4 @@
-"""The Llama SentencePiece tokenizer (`tokenizer.model`)."""
-import hashlib
+"""The SentencePiece tokenizer (`tokenizer.model`: Llama 2, Baichuan2, Mistral v1-v3)."""
 import os
 
 import numpy as np
@@ -7,19 +6,22 @@ import sentencepiece as spm
 
 from mindsft.errors import TokenizerError
 from mindsft.protowire import parse_fields
+from mindsft.tokenizer.base import Tokenizer
 
 
-class LlamaTokenizer:
-    """Encode and decode with a Llama `tokenizer.model`.
+class SentencePieceTokenizer(Tokenizer):
+    """Encode and decode with a SentencePiece `tokenizer.model`.
 
     The pad id is the model's pad piece, or 0 (`<unk>`) when it has none, as MindFormers pads.
+    Special tokens in the text are not parsed (sentencepiece encodes `</s>` as characters), so
+    templates hand BOS/EOS and other control pieces over as ids.
     """
 
     def __init__(self, model_file):
         model_file = os.fspath(model_file)
         if not os.path.isfile(model_file):
             raise TokenizerError(f"{model_file}: tokenizer file not found (pass the Llama tokenizer.model)")
-        self.model_file = model_file
+        self.path = self.model_file = model_file
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(model_file)
@@ -29,6 +31,8 @@ class LlamaTokenizer:
         self.eos_id = self.sp.eos_id()
         self.unk_id = self.sp.unk_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
+        self.end_ids = (self.eos_id,) if self.eos_id >= 0 else ()
+        self.adds_bos = self.bos_id >= 0
         self._piece_bytes = self._is_byte = self._exact_pieces = None  # built on first encode_spans
 
     @property
@@ -38,11 +42,6 @@ class LlamaTokenizer:
     def encode(self, text, add_bos=False, add_eos=False):
         ids = self.sp.EncodeAsIds(text)
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
-
-    def encode_with_offsets(self, text):
-        """Token ids and each token's (begin, end) span in `text`, in bytes of its UTF-8 encoding."""
-        ids, begins, ends = self.encode_spans(text)
-        return ids.tolist(), list(zip(begins.tolist(), ends.tolist()))
 
     def encode_spans(self, text):
         """(ids, begins, ends) as int64 arrays: each token's byte span in the UTF-8 of `text`.
@@ -126,6 +125,11 @@ class LlamaTokenizer:
     def id_to_piece(self, token_id):
         return self.sp.IdToPiece(int(token_id))
 
-    def sha256(self):
-        with open(self.model_file, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+    def token_to_id(self, text):
+        token_id = self.sp.PieceToId(text)
+        # PieceToId answers unk for a piece it does not have.
+        return None if token_id == self.unk_id and text != self.sp.IdToPiece(self.unk_id) else token_id
+
+
+# The name MindFormers' configs use (processor.tokenizer.type: LlamaTokenizer).
+LlamaTokenizer = SentencePieceTokenizer
