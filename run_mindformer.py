@@ -12,7 +12,7 @@ import sys
 
 from mindsft.cli import YamlOverrideHelpFormatter
 from mindsft.config import RUN_MODES, load_run_config
-from mindsft.errors import MindsftError
+from mindsft.errors import report, user_errors
 
 # Flag → the YAML key it sets (MindFormers' mapping).
 FLAG_KEYS = {
@@ -82,8 +82,8 @@ def main(argv=None):
         config = load_run_config(config_path, overrides)
         from mindsft.run import run
         run(config)
-    except MindsftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except user_errors() as exc:
+        report(exc)
         return 2
     return 0
 

@@ -542,16 +542,10 @@ def validate_quantization(config):
 
 
 def load_yaml(path):
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ConfigError(f"{path}: config file does not exist")
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    return raw
+    from mindsft.input_files import read_yaml
+    return read_yaml(path, ConfigError, "run config YAML")
 
 
 def load_run_config(path, overrides=None):

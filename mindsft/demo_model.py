@@ -69,7 +69,7 @@ def write_tiny_hf_llama(output_dir, seed=0, tokenizer_texts=None, **config_overr
     """Write a random Llama as a HuggingFace folder (config.json, model.safetensors,
     generation_config.json, tokenizer.model). Returns the LlamaConfig."""
     config = LlamaConfig(**{**TINY_CONFIG, **config_overrides})
-    with atomic_output(output_dir) as tmp:
+    with atomic_output(output_dir, folder=True, overwrite=True) as tmp:
         os.makedirs(tmp)
         save_file(random_llama_arrays(config, seed), os.path.join(tmp, "model.safetensors"),
                   metadata={"format": "pt"})

@@ -2,10 +2,10 @@
 run config is loaded (a typo fails before any work, not after training). Pure Python.
 """
 import dataclasses
-import json
 from typing import List, Optional, Union
 
 from mindsft.errors import ConfigError
+from mindsft.input_files import read_json
 from mindsft.typed import build
 
 # Keys HuggingFace writes into generation_config.json that do not change what is generated here.
@@ -79,11 +79,7 @@ class GenerationConfig:
     @classmethod
     def from_json_file(cls, path):
         """Read a HuggingFace `generation_config.json`."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                mapping = json.load(f)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{path}: cannot read generation config ({err})") from None
+        mapping = read_json(path, ConfigError, "generation_config.json", expect=dict)
         return cls.from_mapping(mapping, source=str(path))
 
     def updated(self, **overrides):

@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from mindsft.data.conversations import normalize_record, read_json_records
 from mindsft.data.schema import IGNORE_INDEX, recorded_template
-from mindsft.errors import DataError
+from mindsft.errors import ConfigError, DataError
 from mindsft.files import atomic_output
 from mindsft.generate import GenerationConfig, Generator
+from mindsft.input_files import read_json
 from mindsft.metrics import similarity_scores
 from mindsft.templates import encode_segments, get_template
 
@@ -264,8 +265,7 @@ def resolve_template(config):
         for _ in range(3):
             summary_path = os.path.join(folder, "run_summary.json")
             if os.path.isfile(summary_path):
-                with open(summary_path, encoding="utf-8") as f:
-                    template = json.load(f).get("template")
+                template = read_json(summary_path, ConfigError, "run_summary.json", expect=dict).get("template")
                 if template:
                     return template, summary_path
             folder = os.path.dirname(folder)

@@ -1,6 +1,7 @@
 """The file formats underneath the converter: `.ckpt` bytes as protobuf writes them, split and
 CRC-trailed checkpoints, dtype casts as torch rounds them, shapes as the model holds them,
 the command line, and streaming memory."""
+import binascii
 import importlib.util
 import json
 import subprocess
@@ -33,7 +34,11 @@ def test_ckpt_writer_bytes_equal_protobuf_serialisation(tmp_path):
             value.tensor.dims.extend(array.shape)
             value.tensor.tensor_type = dtypes.ckpt_code(dtypes.canonical(array.dtype.name))
             value.tensor.tensor_content = array.tobytes()
-    assert (tmp_path / "ours.ckpt").read_bytes() == reference.SerializeToString()
+    # MindSpore's save_checkpoint(crc_check=True) trailer: "crc_num" + CRC-32 of the body, 10 bytes big-endian.
+    body = reference.SerializeToString()
+    assert (tmp_path / "ours.ckpt").read_bytes() == body + b"crc_num" + binascii.crc32(body).to_bytes(10, "big")
+    loaded = ms.load_checkpoint(str(tmp_path / "ours.ckpt"), crc_check=True)
+    np.testing.assert_array_equal(loaded["a.weight"].asnumpy(), tensors["a.weight"])
 
 
 def test_split_tensors_join_in_mindspore_and_in_our_reader(tmp_path):
@@ -43,7 +48,7 @@ def test_split_tensors_join_in_mindspore_and_in_our_reader(tmp_path):
         writer.write("w", "float32", array.shape, np.array_split(array.reshape(-1), 7))
         writer.write("h", "bfloat16", bf16_bits.shape, [bf16_bits.reshape(-1)])
     parsed = Checkpoint()
-    parsed.ParseFromString((tmp_path / "split.ckpt").read_bytes())
+    parsed.ParseFromString((tmp_path / "split.ckpt").read_bytes()[:-17])  # less the checksum trailer
     assert [v.tag for v in parsed.value] == ["w"] * 4 + ["h"]
     loaded = ms.load_checkpoint(str(tmp_path / "split.ckpt"))
     np.testing.assert_array_equal(loaded["w"].asnumpy(), array)

@@ -125,6 +125,63 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
     assert float(loaded["w0"].asnumpy()[0]) == 1.0
 
 
+METRICS_REWRITE = """
+import sys
+from mindsft.train.monitor import trim_metrics
+trim_metrics(sys.argv[1], int(sys.argv[2]))
+"""
+
+SUMMARY_WRITE = """
+import sys, types
+from mindsft.config import load_run_config
+from mindsft.train.recipe import write_run_summary
+from trainkit import TINY_YAML, model_overrides
+config = load_run_config(str(TINY_YAML), {**model_overrides(), "output_dir": sys.argv[1]})
+config.template = "x" * int(sys.argv[2])  # a summary large enough to be caught in the middle of its write
+data = types.SimpleNamespace(num_records=16, dropped_per_epoch=0, global_batch=4, steps_per_epoch=4)
+write_run_summary(config, data, 8, 1, types.SimpleNamespace(trainable_params=lambda: []))
+"""
+
+
+def kill_inside_a_write(script, args, folder, rng):
+    """Run `script`, SIGKILL it at a random moment after its temporary file appears in `folder`."""
+    process = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=ROOT,
+                               env=dict(env(), PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}"), start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if any(".partial" in p.name for p in Path(folder).iterdir()):
+            break
+        time.sleep(0.0005)
+    time.sleep(rng.uniform(0, 0.005))
+    killed = process.poll() is None
+    if killed:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return killed
+
+
+def test_kill_during_the_metrics_rewrite_or_the_summary_write_leaves_a_whole_file(tmp_path):
+    from mindsft.files import remove_partials
+    rng = np.random.default_rng(7)
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": step, "loss": 1.0 / step, "note": "x" * 100} for step in range(1, 150_001)]
+    original = "".join(json.dumps(row) + "\n" for row in rows)
+    trimmed = "".join(json.dumps(row) + "\n" for row in rows[:140_000])
+    summary = tmp_path / "run_summary.json"
+    kills = []
+    for _ in range(3):
+        metrics.write_text(original)
+        kills.append(kill_inside_a_write(METRICS_REWRITE, [metrics, 140_000], tmp_path, rng))
+        assert metrics.read_text() in (original, trimmed)
+        summary.write_text('{"old": true}')
+        kills.append(kill_inside_a_write(SUMMARY_WRITE, [tmp_path, 10_000_000], tmp_path, rng))
+        written = json.loads(summary.read_text())  # whole: the old one or the complete new one
+        assert written == {"old": True} or len(written["template"]) == 10_000_000
+        remove_partials(tmp_path)  # what a resume does with the killed writer's temporary file
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "run_summary.json"]
+    assert any(kills[0::2]) and any(kills[1::2]), "no write was caught in the middle"
+
+
 @pytest.mark.parametrize("case, message", [
     ("unknown_key", "did you mean 'learning_rate'"),
     ("missing_dataset", "dataset path does not exist"),

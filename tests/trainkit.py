@@ -55,7 +55,8 @@ def write_start_checkpoint(path, seed=0, **model):
     from mindsft.models.families import hf_to_ms_arrays
     config = LlamaConfig(**{**TINY_MODEL, **model})
     arrays = hf_to_ms_arrays(random_llama_arrays(config, seed), config)
-    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], str(path))
+    # MindSpore's own checksum trailer, which mindsft verifies on load like its own files'.
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], str(path), crc_check=True)
     return path
 
 

@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mindsft.cli import HelpFormatter  # noqa: E402
-from mindsft.errors import MindsftError  # noqa: E402
+from mindsft.errors import MindsftError, report, user_errors  # noqa: E402
 from mindsft.models.families import FAMILIES  # noqa: E402
 
 MODELS = tuple(dict.fromkeys(name for family in FAMILIES.values() for name in (family.name,) + family.mindformers_names))
@@ -43,6 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--tokenizer_dir", default=None,
                         help="with --reversed: folder whose tokenizer files are copied into the output")
     parser.add_argument("--max_shard_size", default="5GB", help="with --reversed: largest safetensors shard")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --reversed: replace an existing output folder that holds a previous "
+                             "conversion (a folder holding anything else is never replaced)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.model is not None and args.model.lower() not in MODELS:
@@ -90,15 +93,15 @@ def main(argv=None):
             check_family(args.model, model_config, args.config or args.hf_config or args.input_path)
             summary = convert.ms_to_hf(args.input_path, args.output_path, model_config, dtype=args.dtype,
                                        max_shard_size=args.max_shard_size, tokenizer_dir=args.tokenizer_dir,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress, overwrite=args.overwrite)
         else:
             if args.model is not None:
                 check_family(args.model, convert.read_model_config(hf_config_path(args.input_path)), args.input_path)
             summary = convert.hf_to_ms(args.input_path, args.output_path, dtype=args.dtype,
                                        progress=not args.no_progress,
                                        config_path=convert.model_config_path(args.output_path))
-    except MindsftError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except user_errors() as e:
+        report(e)
         return 1
     print(convert.format_summary(summary))
     return 0

@@ -6,7 +6,7 @@ import sys
 from mindsft.cli import HelpFormatter
 from mindsft.data.mixing import MIX_STRATEGIES, read_manifest
 from mindsft.data.preprocess import PreprocessOptions, preprocess, stats_path
-from mindsft.errors import MindsftError
+from mindsft.errors import report, user_errors
 from mindsft.templates import TEMPLATE_NAMES
 
 
@@ -90,8 +90,8 @@ def main(argv=None):
         progress=not args.no_progress, command_line=[sys.executable] + sys.argv if argv is None else argv)
     try:
         stats = preprocess(options)
-    except MindsftError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except user_errors() as err:
+        report(err)
         return 1
     if stats.get("packing"):
         print(f"Packed {stats['samples_packed']} samples into {stats['rows']} rows ({stats['samples_per_row']['mean']} "

@@ -20,7 +20,7 @@ from mindsft.convert.hf_reader import find_weights, open_hf_weights, read_hf_con
 from mindsft.convert.safetensors_format import write_safetensors
 from mindsft.convert.stored import split_stored, stacked
 from mindsft.errors import ConfigError, ConvertError
-from mindsft.files import atomic_output
+from mindsft.files import atomic_output, check_output_path
 from mindsft.models.families import config_from_hf, family_of
 from mindsft.models.families.base import check_weights
 
@@ -44,14 +44,16 @@ def hf_to_ms(input_path, output_path, dtype=None, progress=True, config_path=Non
     started = time.time()
     dtype = dtypes.canonical(dtype)
     output_path = os.fspath(output_path)
-    if os.path.isdir(output_path):
-        raise ConvertError(f"{output_path} is a folder; give the .ckpt file to write, e.g. {output_path}/model.ckpt")
+    check_output_path(output_path)
+    if config_path:
+        check_output_path(config_path)
     weights_path, hf_config_path = find_weights(input_path)
     hf_config = read_hf_config(hf_config_path)
     try:
         family, model_config = config_from_hf(hf_config, hf_config_path)
     except ConfigError as exc:
-        raise ConvertError(str(exc)) from None
+        message = str(exc)
+        raise ConvertError(message if hf_config_path in message else f"{hf_config_path}: {message}") from None
     source = open_hf_weights(weights_path)
     entries = family.weight_entries(model_config)
     known = {entry.hf_name for entry in entries}
@@ -85,17 +87,19 @@ def hf_to_ms(input_path, output_path, dtype=None, progress=True, config_path=Non
 
 
 def ms_to_hf(input_ckpt, output_dir, model_config, dtype=None, max_shard_size="5GB", tokenizer_dir=None,
-             progress=True):
+             progress=True, overwrite=False):
     """Convert a MindSpore `.ckpt` to a HuggingFace folder: safetensors shards (+ index when
     more than one), config.json and generation_config.json from `model_config`, and the
     tokenizer files of `tokenizer_dir` when given. Non-model entries (optimizer state,
-    global_step, ...) are skipped and counted. Returns the summary dict.
+    global_step, ...) are skipped and counted. An existing non-empty `output_dir` is replaced
+    only with `overwrite`, and only if it holds nothing but a conversion's files. Returns the summary dict.
     """
     started = time.time()
     dtype = dtypes.canonical(dtype)
     shard_limit = parse_size(max_shard_size)
     output_dir = os.path.normpath(os.fspath(output_dir))
     _check_replaceable(output_dir)
+    check_output_path(output_dir, folder=True, overwrite=overwrite)
     tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir else []
     family = family_of(model_config)
     entries = family.weight_entries(model_config)
@@ -119,7 +123,8 @@ def ms_to_hf(input_ckpt, output_dir, model_config, dtype=None, max_shard_size="5
     shards = plan_shards(hf_tensors, shard_limit, out_dtype_of)
 
     total_in = sum(t.nbytes for t in hf_tensors)
-    with _progress_bar(total_in, "ckpt→hf", progress) as bar, atomic_output(output_dir) as tmp:
+    with _progress_bar(total_in, "ckpt→hf", progress) as bar, \
+            atomic_output(output_dir, folder=True, overwrite=overwrite) as tmp:
         os.makedirs(tmp)
         weight_map = {}
         for index, shard in enumerate(shards, 1):

@@ -6,7 +6,6 @@
 refuses any pickle that would run code and maps the tensors instead of reading them. torch is
 imported only then.
 """
-import json
 import os
 import re
 
@@ -14,6 +13,7 @@ from mindsft.convert import dtypes
 from mindsft.convert.safetensors_format import read_safetensors
 from mindsft.convert.stored import StoredTensor
 from mindsft.errors import ConvertError
+from mindsft.input_files import read_json
 
 # In the order HuggingFace itself prefers them.
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -38,13 +38,9 @@ def find_weights(input_path):
 
 def read_hf_config(config_path):
     """The parsed `config.json`, with a clear error when it is missing or not JSON."""
-    if not os.path.isfile(config_path):
+    if not os.path.exists(config_path):
         raise ConvertError(f"{config_path}: file not found (the model's config.json must sit beside its weights)")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as e:
-        raise ConvertError(f"{config_path} is not valid JSON ({e})") from None
+    return read_json(config_path, ConvertError, "HuggingFace config.json", expect=dict)
 
 
 def open_hf_weights(weights_path):
@@ -57,11 +53,10 @@ def open_hf_weights(weights_path):
 
 
 def _open_index(index_path):
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    except (ValueError, KeyError, TypeError):
-        raise ConvertError(f"{index_path} is corrupt: expected JSON with a 'weight_map'") from None
+    index = read_json(index_path, ConvertError, "safetensors index", expect=dict)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ConvertError(f"{index_path} is corrupt: expected a 'weight_map' object of tensor name → file name")
     folder = os.path.dirname(index_path)
     tensors = {}
     for shard in sorted(set(weight_map.values()), key=str):

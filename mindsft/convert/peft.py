@@ -15,8 +15,9 @@ from mindsft.convert import dtypes
 from mindsft.convert.ckpt_format import CkptWriter, read_ckpt
 from mindsft.convert.hf_reader import find_weights, open_hf_weights, read_hf_config
 from mindsft.convert.stored import split_stored
-from mindsft.errors import ConfigError, ConvertError
-from mindsft.files import atomic_output
+from mindsft.errors import AdapterError, ConfigError, ConvertError
+from mindsft.files import atomic_output, check_output_path
+from mindsft.input_files import field, read_json
 from mindsft.lora_config import LORA_A, LORA_B, LoraConfig, is_adapter_name, merged_weight, target_regex_from_hf_names
 from mindsft.models.families import FAMILIES, config_from_hf
 
@@ -44,7 +45,12 @@ def lora_config_from_peft(adapter_config, source=PEFT_CONFIG, module_names=None,
     """LoraConfig from a PEFT `adapter_config.json` mapping; `module_names` (our full cell names
     the adapter file holds) pins the targets exactly, whatever target_modules says."""
     if not isinstance(adapter_config, dict):
-        raise ConfigError(f"{source}: expected a JSON object of adapter settings")
+        raise AdapterError(f"{source}: expected a JSON object of adapter settings")
+    for key, types in (("r", int), ("lora_alpha", (int, float)), ("lora_dropout", (int, float)),
+                       ("target_modules", (str, list)), ("use_rslora", bool), ("peft_type", str)):
+        field(adapter_config, key, types, source, AdapterError, required=key in ("r", "lora_alpha"))
+    if adapter_config["r"] < 1:
+        raise AdapterError(f"{source}: r must be at least 1, got {adapter_config['r']}")
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"{source}: peft_type {adapter_config.get('peft_type')!r} is not LORA")
     unsupported = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False,
@@ -101,7 +107,8 @@ def write_peft_adapter(output_dir, lora_config, adapter_arrays, family=None, bas
         tensors[f"{PEFT_PREFIX}{hf_module_of(module, family)}.lora_{'A' if kind == LORA_A else 'B'}.weight"] = \
             np.ascontiguousarray(value)
     adapter_config = peft_adapter_config(lora_config, modules, family, base_model_name_or_path)
-    with atomic_output(output_dir) as tmp:
+    # A run's own output folder (or the caller's, who named it): a rerun replaces it.
+    with atomic_output(output_dir, folder=True, overwrite=True) as tmp:
         os.makedirs(tmp)
         save_file(tensors, os.path.join(tmp, PEFT_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, PEFT_CONFIG), "w", encoding="utf-8") as f:
@@ -120,11 +127,7 @@ def read_peft_adapter(adapter_dir, family=None):
         hint = " (adapter_model.bin found: re-save it with safe_serialization=True)" \
             if os.path.exists(os.path.join(adapter_dir, "adapter_model.bin")) else ""
         raise ConvertError(f"{adapter_dir}: no {PEFT_WEIGHTS}{hint}")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            adapter_config = json.load(f)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ConvertError(f"{config_path}: not valid JSON: {exc}") from None
+    adapter_config = read_json(config_path, AdapterError, "PEFT adapter_config.json", expect=dict)
     try:
         tensors = load_file(weights_path)
     except Exception as exc:  # safetensors raises its own error types for truncated files
@@ -236,18 +239,23 @@ def _write_merged_ckpt(tensors, adapter_arrays, modules, scaling, path, progress
 
 
 def merge_lora_files(base, adapter, output=None, hf_output=None, lora_config=None, model_config=None,
-                     progress=True):
+                     progress=True, overwrite=False):
     """Fold an adapter (PEFT folder or .ckpt) into base weights (.ckpt or HuggingFace folder).
 
     Writes a MindSpore checkpoint at `output` and/or a HuggingFace folder at `hf_output` (through
     mindsft.convert's ckpt→HF conversion; the model config comes from a HuggingFace base, else
-    `model_config`). Weights keep their dtype. Returns the names of the merged weights.
+    `model_config`). Weights keep their dtype. A non-empty `hf_output` folder is replaced only with
+    `overwrite`. Returns the names of the merged weights.
     """
     import tempfile
     from mindsft.convert.convert import TOKENIZER_FILES, ms_to_hf
     from mindsft.models.families import family_of
     if not output and not hf_output:
         raise ConfigError("merge_lora: give an output checkpoint, a HuggingFace output folder, or both")
+    if output:
+        check_output_path(output)
+    if hf_output:
+        check_output_path(hf_output, folder=True, overwrite=overwrite)
     tensors, base_config, tokenizer_dir = open_base_weights(base)
     if tokenizer_dir and not any(os.path.isfile(os.path.join(tokenizer_dir, n)) for n in TOKENIZER_FILES):
         tokenizer_dir = None
@@ -263,11 +271,12 @@ def merge_lora_files(base, adapter, output=None, hf_output=None, lora_config=Non
         _write_merged_ckpt(tensors, adapter_arrays, modules, lora_config.scaling, output, progress)
     if hf_output:
         if output:
-            ms_to_hf(output, hf_output, config, tokenizer_dir=tokenizer_dir, progress=progress)
+            ms_to_hf(output, hf_output, config, tokenizer_dir=tokenizer_dir, progress=progress, overwrite=overwrite)
         else:
             folder = os.path.dirname(os.path.abspath(os.fspath(hf_output)))
             with tempfile.TemporaryDirectory(prefix=".merge-", dir=folder) as scratch:
                 merged_ckpt = os.path.join(scratch, "merged.ckpt")
                 _write_merged_ckpt(tensors, adapter_arrays, modules, lora_config.scaling, merged_ckpt, progress)
-                ms_to_hf(merged_ckpt, hf_output, config, tokenizer_dir=tokenizer_dir, progress=progress)
+                ms_to_hf(merged_ckpt, hf_output, config, tokenizer_dir=tokenizer_dir, progress=progress,
+                         overwrite=overwrite)
     return [f"{m}.weight" for m in modules]

@@ -4,7 +4,7 @@ import json
 
 from mindsft.data.conversations import read_json_records
 from mindsft.errors import DataError
-from mindsft.files import atomic_output
+from mindsft.files import atomic_output, check_output_path
 from mindsft.templates import alpaca_prompt
 
 
@@ -25,6 +25,7 @@ def alpaca_to_conversation(record, number):
 
 def convert_alpaca(data_path, output_path):
     """Convert an alpaca JSON array or JSON Lines file; returns the number of records written."""
+    check_output_path(output_path)  # before reading: a folder there is a mistake, never replaced
     records = read_json_records(data_path)
     if not isinstance(records, list):
         raise DataError(f"{data_path}: expected a JSON array of records")

@@ -33,6 +33,8 @@ def read_json_records(path):
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno} "
                             f"(char {err.pos}): {err.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to read") from None
         return records
     if not stripped:
         raise DataError(f"{path}: empty file (expected a JSON array or JSON Lines)")
@@ -45,6 +47,8 @@ def read_json_records(path):
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: malformed JSON Lines at line {line_number} column {err.colno}, "
                             f"record {len(records)}: {err.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON Lines line {line_number} is nested too deeply to read") from None
     return records
 
 

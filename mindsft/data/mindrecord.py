@@ -44,8 +44,9 @@ def write_mindrecord(records_iter, output_file, dataset_type, partitions=1, pack
         raise DataError(f"{dataset_type}: rows are written as int32 arrays only; the schema asks {schema}")
     output_file = os.path.abspath(os.fspath(output_file))
     folder, base = os.path.split(output_file)
+    created_folder = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{base}.", suffix=".partial", dir=folder)
     count = 0
     try:
         writer = FileWriter(os.path.join(tmp_dir, base), shard_num=partitions, overwrite=True)
@@ -74,8 +75,12 @@ def write_mindrecord(records_iter, output_file, dataset_type, partitions=1, pack
             os.replace(os.path.join(tmp_dir, os.path.basename(final)) + ".db", final + ".db")
         for final in reversed(finals):
             os.replace(os.path.join(tmp_dir, os.path.basename(final)), final)
-    finally:
+    except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if created_folder and not os.listdir(folder):
+            os.rmdir(folder)  # a failed run leaves nothing behind, not even the folder it made
+        raise
+    shutil.rmtree(tmp_dir, ignore_errors=True)
     return finals, count
 
 

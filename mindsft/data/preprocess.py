@@ -31,12 +31,12 @@ from tqdm import tqdm
 
 from mindsft.data import mixing, split
 from mindsft.data.conversations import normalize_record, record_tools
-from mindsft.data.mindrecord import EmptyOutputError, write_mindrecord
+from mindsft.data.mindrecord import EmptyOutputError, shard_names, write_mindrecord
 from mindsft.data.mixing import input_files
 from mindsft.data.packing import pack_samples
 from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, record_length
 from mindsft.errors import ConfigError, DataError, MindsftError
-from mindsft.files import atomic_output
+from mindsft.files import atomic_output, check_output_path
 from mindsft.templates import check_template_tokens, encode_segment_arrays, encode_segment_batch, get_template
 from mindsft.tokenizer import load_tokenizer, tokenizer_file
 
@@ -388,6 +388,8 @@ def preprocess(options):
         eval_file = options.eval_output_file or split.default_eval_output(options.output_file)
         preprocess(dataclasses.replace(options, split="eval", output_file=eval_file, repeat=1))
         return preprocess(dataclasses.replace(options, split="train", eval_output_file=eval_file))
+    for path in shard_names(options.output_file, options.file_partition) + [stats_path(options.output_file)]:
+        check_output_path(path)  # before any tokenizing: a folder there is a mistake, not an output
     stats = RunStats()
     make_records = _qa_records if options.dataset_type == "qa" else _wiki_records
     with _gc_paused(), _workers(options) as (tokenizer, template, map_in_order):

@@ -49,13 +49,53 @@ def mindrecord_files(dataset_dir):
     """The MindRecord data files in a directory (or the one file given), sorted, `.db` excluded."""
     path = os.fspath(dataset_dir)
     if os.path.isfile(path):
+        check_mindrecord_file(path)
         return [path]
     if not os.path.isdir(path):
         raise DataError(f"{path}: dataset path does not exist")
     files = sorted(os.path.join(path, name) for name in os.listdir(path) if MINDRECORD_NAME.match(name))
     if not files:
         raise DataError(f"{path}: no MindRecord files (names ending in 'mindrecord' or 'mindrecordN')")
+    for file in files:
+        check_mindrecord_file(file)
     return files
+
+
+def _read_shard_header(path):
+    """The JSON header of a MindRecord data file: 8 bytes of little-endian length, then the JSON."""
+    import json
+    import struct
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if not 0 < length <= min(size - 8, 64 * 1024 * 1024):
+            raise DataError(f"{path}: not a MindRecord file (no shard header); rerun llama_preprocess")
+        try:
+            header = json.loads(f.read(length).rstrip(b"\0").decode("utf-8"))
+        except (ValueError, RecursionError):
+            raise DataError(f"{path}: not a MindRecord file (its shard header is unreadable)") from None
+    if not isinstance(header, dict) or not isinstance(header.get("shard_addresses"), list):
+        raise DataError(f"{path}: not a MindRecord file (its shard header lists no shards)")
+    return header
+
+
+def check_mindrecord_file(path):
+    """Check, before MindSpore's C++ reader sees it, that a MindRecord data file has a readable
+    header and that it and every shard it names sit in the folder with their `.db` index."""
+    folder = os.path.dirname(path)
+    header = _read_shard_header(path)
+    for shard in [os.path.basename(path)] + [os.path.basename(str(a)) for a in header["shard_addresses"]]:
+        shard_path = os.path.join(folder, shard)
+        if not os.path.isfile(shard_path):
+            raise DataError(f"{path}: its shard {shard} is missing from {folder or '.'}")
+        index = shard_path + ".db"
+        if not os.path.isfile(index):
+            raise DataError(f"{shard_path}: its index {os.path.basename(index)} is missing "
+                            "(a shard is only readable with its .db beside it)")
+        with open(index, "rb") as f:
+            if f.read(16) != b"SQLite format 3\0":
+                raise DataError(f"{index}: not a MindRecord index (SQLite) file")
 
 
 def dataset_manifest(dataset_path):
@@ -64,8 +104,6 @@ def dataset_manifest(dataset_path):
     It records the template the records were rendered with, so a run trained on them asks its
     questions in the same template.
     """
-    import json
-
     path = os.fspath(dataset_path)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     if not os.path.isdir(folder):
@@ -73,8 +111,8 @@ def dataset_manifest(dataset_path):
     manifests = sorted(name for name in os.listdir(folder) if name.endswith(".stats.json"))
     if not manifests:
         return None
-    with open(os.path.join(folder, manifests[0]), encoding="utf-8") as f:
-        return json.load(f)
+    from mindsft.input_files import read_json
+    return read_json(os.path.join(folder, manifests[0]), DataError, "llama_preprocess stats JSON", expect=dict)
 
 
 def recorded_template(dataset_path):

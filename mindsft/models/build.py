@@ -104,5 +104,5 @@ def restore_training_state(model, optimizer, path):
     assign_weights(model, {p.name: arrays[p.name] for p in model.get_parameters() if p.name in arrays},
                    source=path, strict=False)
     for name, param in optimizer.state().items():
-        param.set_data(arrays[name].astype(ms.float32))
-    return {key: arrays[key].asnumpy().item() for key in STATE_KEYS}
+        param.set_data(ms.Tensor(arrays[name], ms.float32))
+    return {key: np.asarray(arrays[key]).item() for key in STATE_KEYS}

@@ -2,13 +2,13 @@
 library, with the special tokens of the `tokenizer_config.json` beside it and the end tokens of
 `generation_config.json` when the folder has one.
 """
-import json
 import os
 import unicodedata
 
 import numpy as np
 
 from mindsft.errors import ConfigError, TokenizerError
+from mindsft.input_files import read_json
 from mindsft.tokenizer.base import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -35,14 +35,7 @@ def token_text(value):
 
 
 def read_json_file(path, what):
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError) as err:
-        raise TokenizerError(f"{path}: cannot read {what} ({err})") from None
-    if not isinstance(value, dict):
-        raise TokenizerError(f"{path}: {what} is not a JSON object")
-    return value
+    return read_json(path, TokenizerError, what, expect=dict)
 
 
 def read_chat_template(config, folder):

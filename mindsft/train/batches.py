@@ -15,8 +15,8 @@ rows can be cut to their batch's longest learned position rounded up to a multip
 import numpy as np
 import mindspore.dataset as ds
 
-from mindsft.data.schema import (BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, PACKED_COLUMN, mindrecord_files,
-                                  record_length)
+from mindsft.data.schema import (BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, PACKED_COLUMN, dataset_manifest,
+                                  mindrecord_files, record_length)
 from mindsft.data.split import recorded_eval_dataset_dir
 from mindsft.errors import DataError
 
@@ -49,8 +49,14 @@ class ShardedBatches:
         except DataError as exc:
             raise DataError(f"{what}: {exc}") from None
         self.dataset_dir = dataset_dir
-        probe = ds.MindDataset(self.files, shuffle=False)
-        self.num_records = probe.get_dataset_size()
+        # Read now, so a damaged stats file is named before the model is built.
+        self.manifest = dataset_manifest(dataset_dir)
+        try:
+            probe = ds.MindDataset(self.files, shuffle=False)
+            self.num_records = probe.get_dataset_size()
+        except RuntimeError as exc:  # mindrecord_files checked what it can; MindSpore found more
+            raise DataError(f"{dataset_dir}: MindSpore cannot read these MindRecord files "
+                            f"({str(exc).strip().splitlines()[0][:200]})") from None
         unknown = [c for c in input_columns if c not in BATCH_COLUMNS]
         if unknown:
             raise DataError(f"{what}.input_columns: {', '.join(unknown)} is not a column the model takes "

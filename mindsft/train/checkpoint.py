@@ -4,17 +4,22 @@ A checkpoint holds the weights, the optimizer moments (`adam_m.<param>`, `adam_v
 MindFormers' names), `global_step`, `loss_scale`, and the data position (`epoch_num`,
 `step_num` within the epoch). It is written under a temporary name and renamed; `meta.json`
 is rewritten (also atomically) only after that, so a kill at any moment leaves `meta.json`
-naming a complete checkpoint.
+naming a complete checkpoint. Files are written and read by mindsft.convert.ckpt_format, whose
+checksum trailer (MindSpore's crc_check format) is verified before any value is used: resume
+skips a damaged checkpoint for the newest intact one, and says which it skipped.
 """
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import mindspore as ms
 
-from mindsft.errors import ConfigError
-from mindsft.files import atomic_output, remove_path
+from mindsft.convert import dtypes
+from mindsft.convert.ckpt_format import read_ckpt, verify_ckpt, write_arrays
+from mindsft.errors import CheckpointError, ConfigError, ConvertError
+from mindsft.files import atomic_output, remove_partials, remove_path
 
 META_FILE = "meta.json"
 
@@ -40,18 +45,20 @@ def checkpoint_steps(checkpoint_dir, rank):
     return found
 
 
+def storage_array(value):
+    """(dtype name, storage array) of a MindSpore Tensor/Parameter or a number, as ckpt_format writes it."""
+    if isinstance(value, ms.Tensor):
+        if value.dtype == ms.bfloat16:  # asnumpy has no bfloat16: widen exactly, then keep the bits
+            return "bfloat16", dtypes.convert(value.astype(ms.float32).asnumpy(), "float32", "bfloat16")
+        value = value.asnumpy()
+    array = np.asarray(value)
+    return dtypes.canonical(array.dtype.name), array
+
+
 def write_checkpoint_file(entries, path):
-    """ms.save_checkpoint to a hidden temporary `.ckpt` beside `path`, then rename onto it."""
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    # MindSpore appends ".ckpt" to names without it, so the temporary name keeps the suffix.
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.partial.ckpt")
-    try:
-        ms.save_checkpoint(entries, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        remove_path(tmp)
-        raise
+    """[(name, Tensor or number)] as a `.ckpt` at `path`, through a temporary name."""
+    with atomic_output(path) as tmp:
+        write_arrays(tmp, [(name, *storage_array(value)) for name, value in entries])
 
 
 def write_meta(checkpoint_dir, rank, meta):
@@ -61,12 +68,23 @@ def write_meta(checkpoint_dir, rank, meta):
             json.dump(meta, f, indent=2)
 
 
-def read_meta(checkpoint_dir, rank):
+def read_meta(checkpoint_dir, rank, warn=True):
+    """meta.json of one rank, or None when it is absent or unreadable (then the checkpoints
+    themselves, verified by their checksums, say which is the newest complete one)."""
     path = os.path.join(rank_dir(checkpoint_dir, rank), META_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict) or not isinstance(meta.get("last_step"), int):
+            raise ValueError("no integer last_step")
+    except (OSError, ValueError, RecursionError) as exc:
+        if warn:
+            print(f"warning: {path} is damaged ({' '.join(str(exc).split())[:80]}); "
+                  "taking the newest intact checkpoint instead", file=sys.stderr)
+        return None
+    return meta
 
 
 def save_training_checkpoint(checkpoint_dir, rank, prefix, step, params, optimizer_state, state, keep_max=None):
@@ -75,9 +93,9 @@ def save_training_checkpoint(checkpoint_dir, rank, prefix, step, params, optimiz
     params: Parameters to save (all weights, or the trainable ones only); optimizer_state:
     {name: Parameter}; state: {name: number} (global_step, loss_scale, epoch_num, step_num, ...).
     """
-    entries = [{"name": p.name, "data": p} for p in params]
-    entries += [{"name": name, "data": value} for name, value in optimizer_state.items()]
-    entries += [{"name": name, "data": ms.Tensor(np.asarray(value))} for name, value in state.items()]
+    entries = [(p.name, p) for p in params]
+    entries += list(optimizer_state.items())
+    entries += [(name, np.asarray(value)) for name, value in state.items()]
     name = checkpoint_name(prefix, rank, step)
     write_checkpoint_file(entries, os.path.join(rank_dir(checkpoint_dir, rank), name))
     write_meta(checkpoint_dir, rank, {"last_step": int(step), "checkpoint": name,
@@ -90,31 +108,64 @@ def save_training_checkpoint(checkpoint_dir, rank, prefix, step, params, optimiz
 
 def save_weights(params, path):
     """A weights-only checkpoint of `params` (all weights, or only trainable ones for LoRA)."""
-    write_checkpoint_file([{"name": p.name, "data": p} for p in params], path)
+    write_checkpoint_file([(p.name, p) for p in params], path)
     return path
 
 
-def resume_step(checkpoint_dir, world_size):
-    """The newest step for which every rank has a complete checkpoint, or None."""
+def find_resume_step(checkpoint_dir, world_size, verify=True):
+    """(newest step for which every rank has a complete, intact checkpoint or None, [what was
+    skipped and why]). Every rank checks every rank's files, so all agree without talking."""
     common = None
     for rank in range(world_size):
         steps = set(checkpoint_steps(checkpoint_dir, rank))
-        meta = read_meta(checkpoint_dir, rank)
+        meta = read_meta(checkpoint_dir, rank, warn=rank == 0 or world_size == 1)
         if meta is not None:
             # Checkpoints newer than meta.json were renamed but never recorded: not trusted.
             steps = {s for s in steps if s <= meta["last_step"]}
         common = steps if common is None else common & steps
-    return max(common) if common else None
+    skipped = []
+    for step in sorted(common or (), reverse=True):
+        damaged = []
+        for rank in range(world_size):
+            path = checkpoint_steps(checkpoint_dir, rank)[step]
+            try:
+                if verify:
+                    verify_ckpt(path)
+            except ConvertError as exc:
+                damaged.append(str(exc))
+        if not damaged:
+            return step, skipped
+        skipped += damaged
+    return None, skipped
+
+
+def resume_step(checkpoint_dir, world_size):
+    """The newest step for which every rank has a complete, intact checkpoint, or None; a
+    skipped (damaged) checkpoint is named in a warning."""
+    step, skipped = find_resume_step(checkpoint_dir, world_size)
+    for reason in skipped:
+        print(f"warning: resume skips {reason}", file=sys.stderr)
+    return step
+
+
+def remove_leftovers(checkpoint_dir, rank):
+    """Delete the temporary files a killed run left in this rank's checkpoint folder."""
+    return remove_partials(rank_dir(checkpoint_dir, rank))
 
 
 def load_checkpoint_arrays(path):
-    """{name: Parameter} of a .ckpt file, with the file named in the error if it is unreadable."""
+    """{name: array} of a .ckpt file, checksum verified first; a damaged file is named. Arrays
+    are numpy, except bfloat16 ones: MindSpore Tensors, which numpy cannot hold without doubling."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: checkpoint file does not exist")
     try:
-        return ms.load_checkpoint(path)
-    except Exception as exc:   # MindSpore raises ValueError/RuntimeError for damaged files
-        raise ConfigError(f"{path}: not a readable MindSpore checkpoint ({exc})") from None
+        tensors, _ = read_ckpt(path)
+        return {name: ms.Tensor(stored.to_numpy()).view(ms.bfloat16) if stored.dtype == "bfloat16"
+                else stored.to_numpy() for name, stored in tensors.items()}
+    except CheckpointError:
+        raise
+    except ConvertError as exc:
+        raise CheckpointError(f"not a readable MindSpore checkpoint: {exc}") from None
 
 
 def find_weights_file(load_checkpoint, rank=0):

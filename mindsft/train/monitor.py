@@ -11,6 +11,7 @@ import time
 
 from tqdm import tqdm
 
+from mindsft.files import atomic_output, write_text_atomic
 from mindsft.protowire import field, parse_fields, varint
 
 
@@ -209,15 +210,23 @@ class TrainingMonitor:
 
 
 def trim_metrics(path, start_step):
-    """On resume, drop lines for steps after the checkpoint so metrics.jsonl reads as one run."""
+    """On resume, drop lines for steps after the checkpoint so metrics.jsonl reads as one run.
+
+    Rewritten through a temporary name: a kill during the rewrite leaves the old file whole. A
+    line cut short by a kill during an append is dropped with the steps after the checkpoint.
+    """
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    with open(path, "w") as f:
-        for line in lines:
-            if line.get("step", 0) <= start_step:
-                f.write(json.dumps(line) + "\n")
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= start_step:
+                kept.append(json.dumps(row) + "\n")
+    write_text_atomic(path, "".join(kept))
 
 
 def read_metrics(path):
@@ -255,8 +264,7 @@ def plot_loss(metrics_path, output_path=None):
     plt.xlabel("step")
     plt.ylabel("loss")
     plt.legend()
-    with_tmp = output_path + ".partial.png"
-    plt.savefig(with_tmp, format="png", dpi=100)
+    with atomic_output(output_path) as tmp:
+        plt.savefig(tmp, format="png", dpi=100)
     plt.close(figure)
-    os.replace(with_tmp, output_path)
     return output_path

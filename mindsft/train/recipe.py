@@ -11,7 +11,7 @@ import time
 
 from mindsft.convert.convert import model_config_path, write_model_config
 from mindsft.data.schema import recorded_template
-from mindsft.files import atomic_output
+from mindsft.files import atomic_output, remove_partials
 from mindsft.models.build import build_model, load_start_weights, restore_training_state, uses_lora
 from mindsft.generation_eval import GenerationEval
 from mindsft.train import checkpoint as ckpt
@@ -80,6 +80,11 @@ def train(config):
     resumed = False
     if config.resume_training:
         source_dir = resume_checkpoint_dir(config)
+        if os.path.abspath(source_dir) == os.path.abspath(checkpoint_dir):
+            # Only this run's own folders: another run's may be live, its temporary files in use.
+            ckpt.remove_leftovers(source_dir, rank)
+            if is_main:
+                remove_partials(config.output_dir)
         step = ckpt.resume_step(source_dir, world_size)
         if step is None:
             if is_main:
