@@ -11,6 +11,7 @@ message first, then user and assistant turns alternating, starting with the user
 template also takes what its jinja template reads (tools, tool calls, reasoning).
 """
 import dataclasses
+import json
 import os
 
 import numpy as np

@@ -75,8 +75,8 @@ def main(argv=None):
         parser.error("give --input_glob or --mix_manifest, not both")
     try:
         sources, strategy = read_manifest(args.mix_manifest) if args.mix_manifest else (None, None)
-    except MindsftError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except user_errors() as err:
+        report(err)
         return 1
     options = PreprocessOptions(
         input_glob=args.input_glob if args.input_glob is None or len(args.input_glob) > 1 else args.input_glob[0],
