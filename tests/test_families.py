@@ -1,0 +1,190 @@
+"""Every model family computes what its reference computes on the same weights: logits, loss and
+gradients, greedy generation through the key/value cache; its weights go HF → ckpt → HF bit for
+bit. The references are transformers' own classes (Llama 3 with its rope scaling, Qwen2, Qwen3,
+Mistral with a window shorter than the sequence); Baichuan2's modeling code is not part of
+transformers, so its reference is LlamaForCausalLM with W_pack split and a row-normalising head
+(see family_reference.py)."""
+import json
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from family_reference import FAMILIES, hf_files, reference_arrays_as_ours, reference_model, twin
+from llama_reference import random_batch
+from mindsft.convert import hf_to_ms, ms_to_hf
+from mindsft.errors import ConfigError
+from mindsft.generate import GenerationConfig, Generator
+from mindsft.models.config import LlamaConfig
+from mindsft.models.families import config_from_hf, family_named, model_config_from_hf
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_the_reference(family):
+    reference = reference_model(family)
+    ours = twin(family, reference)
+    input_ids, _ = random_batch(reference.config.vocab_size, seq=40)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(input_ids).long()).logits.numpy()
+    assert np.abs(ours(ms.Tensor(input_ids)).asnumpy() - expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral_window_7", "baichuan2"])
+def test_logits_equal_the_reference_when_compiled(family):
+    reference = reference_model(family)
+    ours = twin(family, reference)
+    input_ids, _ = random_batch(reference.config.vocab_size, seq=23)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(input_ids).long()).logits.numpy()
+
+    @ms.jit
+    def compiled_forward(ids):
+        return ours(ids)
+
+    got = compiled_forward(ms.Tensor(input_ids)).asnumpy()
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_and_gradients_equal_the_reference(family):
+    reference = reference_model(family)
+    ours = twin(family, reference)
+    input_ids, labels = random_batch(reference.config.vocab_size, seq=19)
+    reference.zero_grad()
+    loss = reference(torch.from_numpy(input_ids).long(), labels=torch.from_numpy(labels).long()).loss
+    loss.backward()
+    assert abs(float(ours(ms.Tensor(input_ids), ms.Tensor(labels)).asnumpy()) - loss.item()) <= 1e-5
+    expected = reference_arrays_as_ours({n: p.grad.numpy() for n, p in reference.named_parameters()}, ours.config)
+    params = ours.trainable_params()
+    grads = ms.grad(lambda ids, lab: ours(ids, lab), grad_position=None, weights=params)(
+        ms.Tensor(input_ids), ms.Tensor(labels))
+    assert sorted(p.name for p in params) == sorted(expected)
+    for param, grad in zip(params, grads):
+        want = expected[param.name]
+        relative = np.abs(grad.asnumpy() - want).max() / (np.abs(want).max() + 1e-12)
+        assert relative <= 1e-4, f"{param.name}: relative difference {relative:.2e}"
+
+
+def test_mistral_window_changes_what_is_attended():
+    reference = reference_model("mistral_window_7")
+    windowed = twin("mistral_window_7", reference)
+    unwindowed = twin("mistral_window_7", reference_model("mistral_window_7", sliding_window=None))
+    input_ids, _ = random_batch(reference.config.vocab_size, seq=12)
+    a, b = windowed(ms.Tensor(input_ids)).asnumpy(), unwindowed(ms.Tensor(input_ids)).asnumpy()
+    assert np.abs(a[:, :7] - b[:, :7]).max() <= 1e-5 and np.abs(a[:, 7:] - b[:, 7:]).max() > 1e-3
+
+
+def write_family_folder(family, reference, folder):
+    config_json, arrays = hf_files(family, reference)
+    os.makedirs(folder)
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, os.path.join(folder, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config_json, f)
+    return arrays
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_is_bit_identical_and_loads_in_transformers(family, tmp_path):
+    reference = reference_model(family, seed=4)
+    original = write_family_folder(family, reference, tmp_path / "hf")
+    hf_to_ms(tmp_path / "hf", tmp_path / "model.ckpt", progress=False, config_path=tmp_path / "model.config.json")
+    _, config = config_from_hf(json.loads((tmp_path / "model.config.json").read_text()))
+    assert config == config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))[1]
+    ms_to_hf(tmp_path / "model.ckpt", tmp_path / "back", config, progress=False)
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(back) == sorted(original)
+    for name, value in original.items():
+        assert back[name].dtype == value.dtype and np.array_equal(back[name].view(np.uint8), value.view(np.uint8)), name
+    written = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config_from_hf(written)[1] == config
+    if FAMILIES[family][0] is None:
+        return  # Baichuan's modeling code ships with its weights, not with transformers
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(reloaded) is type(reference)
+    input_ids = torch.tensor(random_batch(reference.config.vocab_size)[0], dtype=torch.long)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids).logits, reference(input_ids).logits)
+
+
+def test_baichuan_w_pack_is_split_into_q_k_v_and_stacked_back(tmp_path):
+    reference = reference_model("baichuan2", seed=2)
+    original = write_family_folder("baichuan2", reference, tmp_path / "hf")
+    hf_to_ms(tmp_path / "hf", tmp_path / "model.ckpt", progress=False)
+    stored = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(tmp_path / "model.ckpt")).items()}
+    hidden = reference.config.hidden_size
+    for part, name in enumerate(("wq", "wk", "wv")):
+        assert np.array_equal(stored[f"model.layers.1.attention.{name}.weight"],
+                              original["model.layers.1.self_attn.W_pack.weight"][part * hidden:(part + 1) * hidden])
+    assert not any("W_pack" in name or "w_qkv" in name for name in stored)
+
+
+@pytest.mark.parametrize("name, family", [("qwen2", "qwen2"), ("qwen2.5", "qwen2"), ("qwen3", "qwen3"),
+                                          ("mistral", "mistral"), ("baichuan2", "baichuan2"), ("llama3", "llama")])
+def test_mindformers_model_names_pick_the_family(name, family):
+    assert family_named(name).name == family
+
+
+def test_family_flags_of_a_mindformers_yaml_come_with_its_arch_type():
+    from mindsft.config import resolve_model_config
+    from types import SimpleNamespace
+    shape = dict(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, seq_length=16)
+    run = SimpleNamespace(model=SimpleNamespace(arch={"type": "Qwen2ForCausalLM"}, model_config=shape),
+                          pretrained_model_dir="", load_checkpoint="")
+    config = resolve_model_config(run)
+    assert config.family == "qwen2" and config.qkv_has_bias
+
+
+@pytest.mark.parametrize("hf_config, message", [
+    ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True}, "use_sliding_window=true"),
+    ({"architectures": ["BaichuanForCausalLM"], "num_hidden_layers": 40, "hidden_size": 5120}, "ALiBi"),
+    ({"architectures": ["BaichuanForCausalLM"], "rope_theta": 5e5}, "rope_theta"),
+])
+def test_configs_a_family_cannot_run_are_one_clear_error(hf_config, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_hf({"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+                        "intermediate_size": 8, **hf_config}, "x/config.json")
+
+
+def test_norm_head_with_tied_embeddings_is_refused():
+    with pytest.raises(ConfigError, match="norm_head"):
+        LlamaConfig(norm_head=True, tie_word_embeddings=True)
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+def reference_greedy(reference, prompt, max_new_tokens, eos):
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+# Tied embeddings are covered by test_generate.py (a tied random model repeats one token here).
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("qwen3_head_dim_20", "qwen2_tied")])
+def test_greedy_generation_equals_transformers_generate_and_stops_at_the_end_token(family):
+    reference = reference_model(family, scale=6.0)
+    generator = Generator(twin(family, reference))
+    rng = np.random.RandomState(1)
+    for length in (5, 11):
+        prompt = rng.randint(3, reference.config.vocab_size, length).tolist()
+        free = reference_greedy(reference, prompt, 20, eos=10**6)
+        assert len(set(free)) > 3, "the reply should vary"
+        got = generator.generate([prompt], GenerationConfig(max_new_tokens=20, eos_token_id=10**6)).sequences[0]
+        assert got == free
+        # The end token: one the reply produces on its own, so both must stop right after it.
+        eos = free[len(free) // 2]
+        expected = reference_greedy(reference, prompt, 20, eos=eos)
+        out = generator.generate([prompt], GenerationConfig(max_new_tokens=20, eos_token_id=eos))
+        assert out.sequences[0] == expected and expected[-1] == eos and out.stopped[0]
+
+
+def test_model_config_of_every_family_reads_back_from_its_config_json():
+    for family in FAMILIES:
+        config_json, _ = hf_files(family, reference_model(family))
+        config = model_config_from_hf(config_json)
+        assert model_config_from_hf(family_named(config.family).config_to_hf(config)) == config
