@@ -20,9 +20,15 @@ from mindsft.models.llama import DTYPES, Linear
 
 
 class LoraLinear(nn.Cell):
-    """y = x·Wᵀ + scaling · dropout(x)·Aᵀ·Bᵀ; W is the frozen base weight, A and B are trained."""
+    """y = x·Wᵀ (+ b) + scaling · dropout(x)·Aᵀ·Bᵀ; W (and b) frozen, A and B trained.
 
-    def __init__(self, base, rank, scaling, dropout, lora_a, param_dtype):
+    On a packed projection (Baichuan's W_pack = wq, wk, wv) the cells of the pack share one A
+    and one stacked B, each using its own `rows` of B: what PEFT's LoRA on W_pack computes, with
+    the gradients of the shared A summed over the pack as autodiff sums them. (With dropout, each
+    cell draws its own mask where PEFT draws one for the pack.)
+    """
+
+    def __init__(self, base, scaling, dropout, lora_a, lora_b, rows=None):
         super().__init__()
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -30,18 +36,30 @@ class LoraLinear(nn.Cell):
         self.scaling = scaling
         self.weight = base.weight
         self.weight.requires_grad = False
+        self.has_bias = base.has_bias
+        if base.has_bias:
+            self.bias = base.bias
+            self.bias.requires_grad = False
         self.matmul = ops.MatMul(transpose_b=True)
-        self.mindpet_delta_lora_a = Parameter(Tensor(lora_a, param_dtype), name=LORA_A)
-        self.mindpet_delta_lora_b = Parameter(Tensor(np.zeros((self.out_features, rank), np.float32), param_dtype),
-                                              name=LORA_B)
+        self.mindpet_delta_lora_a = lora_a
+        self.mindpet_delta_lora_b = lora_b
+        self.rows = rows or (0, self.out_features)
+        self.packed = rows is not None
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+
+    def lora_b_rows(self):
+        if self.packed:
+            return self.mindpet_delta_lora_b[self.rows[0]:self.rows[1]]
+        return self.mindpet_delta_lora_b
 
     def construct(self, x):
         out_shape = x.shape[:-1] + (self.out_features,)
         x = ops.reshape(x.astype(self.compute_dtype), (-1, self.in_features))
         y = self.matmul(x, self.weight.astype(self.compute_dtype))
+        if self.has_bias:
+            y = y + self.bias.astype(self.compute_dtype)
         low_rank = self.matmul(self.lora_dropout(x), self.mindpet_delta_lora_a.astype(self.compute_dtype))
-        y = y + self.matmul(low_rank, self.mindpet_delta_lora_b.astype(self.compute_dtype)) * self.scaling
+        y = y + self.matmul(low_rank, self.lora_b_rows().astype(self.compute_dtype)) * self.scaling
         return ops.reshape(y, out_shape)
 
 
@@ -59,9 +77,30 @@ def _put_cell(model, full_name, cell):
     cell.update_parameters_name(full_name + ".")
 
 
+def packs_of(model):
+    """{full name of a packed module (`model.layers.0.attention.w_qkv`): full names of its cells}."""
+    packs = family_of(model.config).lora_packs if hasattr(model, "config") else {}
+    found = {}
+    for full_name, cell in model.cells_and_names():
+        for pack, members in packs.items():
+            if all(isinstance(getattr(cell, m, None), (Linear, LoraLinear)) for m in members):
+                prefix = full_name + "." if full_name else ""
+                found[prefix + pack] = tuple(prefix + m for m in members)
+    return found
+
+
 def select_lora_modules(model, lora_config):
-    """Full names of the linear cells `lora_config` adapts, in model order."""
+    """Full names of the linear cells (or packed modules, see `packs_of`) `lora_config` adapts,
+    in model order; the cells of a chosen pack are not chosen alone."""
     excluded_prefixes, chosen, linear_names = [], [], []
+    packs = packs_of(model)
+    packed_cells = {member: pack for pack, members in packs.items() for member in members}
+
+    def wanted(full_name):
+        local = full_name.rsplit(".", 1)[-1]
+        return (full_name.startswith("model.") and re.match(lora_config.target_modules, local)) or \
+            re.fullmatch(lora_config.target_modules, full_name)
+
     for full_name, cell in model.cells_and_names():
         if not full_name:
             continue
@@ -72,10 +111,14 @@ def select_lora_modules(model, lora_config):
             raise ConfigError(f"LoRA is already applied to {full_name}")
         if not isinstance(cell, Linear) or any((full_name + ".").startswith(p) for p in excluded_prefixes):
             continue
+        pack = packed_cells.get(full_name)
+        if pack is not None and pack not in linear_names:
+            linear_names.append(pack)
+            if wanted(pack) and not any(re.match(rule, pack.rsplit(".", 1)[-1])
+                                        for rule in lora_config.exclude_layers):
+                chosen.append(pack)
         linear_names.append(full_name)
-        in_decoder = full_name.startswith("model.")
-        if (in_decoder and re.match(lora_config.target_modules, local)) or \
-                re.fullmatch(lora_config.target_modules, full_name):
+        if wanted(full_name) and not (pack is not None and pack in chosen):
             chosen.append(full_name)
     if not chosen:
         examples = ", ".join(linear_names[:8])
@@ -91,16 +134,26 @@ def apply_lora(model, lora_config, seed=0):
     so the adapted model starts equal to the base. Returns the full names of the adapted cells.
     """
     chosen = select_lora_modules(model, lora_config)
+    packs = packs_of(model)
     rng = np.random.default_rng(seed)
     param_dtype = DTYPES[model.config.param_init_type]
     for param in model.get_parameters():
         param.requires_grad = False
     for full_name in chosen:
-        base = _cell_at(model, full_name)
-        bound = 1.0 / math.sqrt(base.in_features)
-        lora_a = rng.uniform(-bound, bound, (lora_config.rank, base.in_features)).astype(np.float32)
-        _put_cell(model, full_name, LoraLinear(base, lora_config.rank, lora_config.scaling,
-                                               lora_config.dropout, lora_a, param_dtype))
+        bases = [_cell_at(model, member) for member in packs.get(full_name, (full_name,))]
+        in_features, out_features = bases[0].in_features, sum(base.out_features for base in bases)
+        bound = 1.0 / math.sqrt(in_features)
+        lora_a = Parameter(Tensor(rng.uniform(-bound, bound, (lora_config.rank, in_features)).astype(np.float32),
+                                  param_dtype), name=f"{full_name}.{LORA_A}")
+        lora_b = Parameter(Tensor(np.zeros((out_features, lora_config.rank), np.float32), param_dtype),
+                           name=f"{full_name}.{LORA_B}")
+        start = 0
+        for member, base in zip(packs.get(full_name, (full_name,)), bases):
+            rows = (start, start + base.out_features) if full_name in packs else None
+            _put_cell(model, member, LoraLinear(base, lora_config.scaling, lora_config.dropout, lora_a, lora_b, rows))
+            start += base.out_features
+        # Named last: putting each cell of a pack renamed the shared A and B after that cell.
+        lora_a.name, lora_b.name = f"{full_name}.{LORA_A}", f"{full_name}.{LORA_B}"
     model.lora_config = lora_config
     return chosen
 
@@ -132,10 +185,12 @@ def load_adapter_state(model, arrays, source="adapter checkpoint"):
 def merge_lora(model):
     """Fold every adapter into its base weight in place; the model is a plain Llama again."""
     for full_name, cell in lora_modules(model).items():
-        weight = merged_weight(cell.weight.asnumpy(), cell.mindpet_delta_lora_a.asnumpy(),
-                               cell.mindpet_delta_lora_b.asnumpy(), cell.scaling)
-        plain = Linear(cell.in_features, cell.out_features, model.config)
+        lora_b = cell.mindpet_delta_lora_b.asnumpy()[cell.rows[0]:cell.rows[1]]
+        weight = merged_weight(cell.weight.asnumpy(), cell.mindpet_delta_lora_a.asnumpy(), lora_b, cell.scaling)
+        plain = Linear(cell.in_features, cell.out_features, model.config, has_bias=cell.has_bias)
         plain.weight = Parameter(Tensor(weight), name="weight", requires_grad=True)
+        if cell.has_bias:
+            plain.bias = Parameter(cell.bias.data, name="bias", requires_grad=True)
         _put_cell(model, full_name, plain)
     for param in model.get_parameters():
         param.requires_grad = True

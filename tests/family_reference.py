@@ -4,6 +4,9 @@ Baichuan's modeling code is not part of transformers: its reference is transform
 `LlamaForCausalLM` holding the same weights with `W_pack` split into q/k/v and an output head
 that normalises its rows in the forward pass, as Baichuan2's NormHead does.
 """
+import json
+import os
+
 import numpy as np
 import torch
 import transformers
@@ -112,3 +115,15 @@ def reference_arrays_as_ours(reference, config):
     from mindsft.models.families import FAMILIES as REGISTRY
     family = REGISTRY["llama"] if REGISTRY[config.family].lora_packs else REGISTRY[config.family]
     return family.hf_to_ms_arrays(reference, config)
+
+
+def write_family_folder(family, reference, folder):
+    """The reference as its family's HF folder (config.json, model.safetensors); returns its arrays."""
+    from safetensors.numpy import save_file
+    config_json, arrays = hf_files(family, reference)
+    os.makedirs(folder)
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, os.path.join(folder, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config_json, f)
+    return arrays

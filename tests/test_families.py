@@ -5,16 +5,15 @@ Mistral with a window shorter than the sequence); Baichuan2's modeling code is n
 transformers, so its reference is LlamaForCausalLM with W_pack split and a row-normalising head
 (see family_reference.py)."""
 import json
-import os
 
 import mindspore as ms
 import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
-from family_reference import FAMILIES, hf_files, reference_arrays_as_ours, reference_model, twin
+from family_reference import FAMILIES, hf_files, reference_arrays_as_ours, reference_model, twin, write_family_folder
 from llama_reference import random_batch
 from mindsft.convert import hf_to_ms, ms_to_hf
 from mindsft.errors import ConfigError
@@ -76,16 +75,6 @@ def test_mistral_window_changes_what_is_attended():
     input_ids, _ = random_batch(reference.config.vocab_size, seq=12)
     a, b = windowed(ms.Tensor(input_ids)).asnumpy(), unwindowed(ms.Tensor(input_ids)).asnumpy()
     assert np.abs(a[:, :7] - b[:, :7]).max() <= 1e-5 and np.abs(a[:, 7:] - b[:, 7:]).max() > 1e-3
-
-
-def write_family_folder(family, reference, folder):
-    config_json, arrays = hf_files(family, reference)
-    os.makedirs(folder)
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, os.path.join(folder, "model.safetensors"),
-              metadata={"format": "pt"})
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config_json, f)
-    return arrays
 
 
 @pytest.mark.parametrize("family", FAMILIES)
