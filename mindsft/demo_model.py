@@ -13,13 +13,25 @@ from safetensors.numpy import save_file
 
 from mindsft.files import atomic_output
 from mindsft.models.config import LlamaConfig
-from mindsft.models.families import family_of
+from mindsft.models.families import family_named, family_of
 
 SAMPLE_DATA_DIR = os.path.join(os.path.dirname(__file__), "sample_data")
 SAMPLE_ALPACA = os.path.join(SAMPLE_DATA_DIR, "alpaca_sample.json")
 
 TINY_CONFIG = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, n_kv_heads=2,
                    intermediate_size=128, max_position_embeddings=512, seq_length=256, rms_norm_eps=1e-5)
+# What makes each family's tiny model that family's (configs/<family>/*_tiny_cpu.yaml say the same):
+# Qwen3's head_dim apart from hidden/heads, a Mistral window shorter than seq_length, Baichuan's
+# one key/value head per head.
+TINY_FAMILY_SETTINGS = {
+    "llama": {},
+    "llama3": dict(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": dict(rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "qwen3": dict(head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "mistral": dict(sliding_window=128, rope_theta=1000000.0),
+    "baichuan2": dict(n_kv_heads=4, rms_norm_eps=1e-6),
+}
 
 
 def sample_texts(path=SAMPLE_ALPACA):
@@ -57,7 +69,9 @@ def random_llama_arrays(config, seed=0, dtype=np.float32):
     family = family_of(config)
     arrays = {}
     for name, shape in family.weight_shapes(config).items():
-        if len(shape) == 1:
+        if name.endswith(".bias"):
+            value = 0.1 * rng.standard_normal(shape)
+        elif len(shape) == 1:
             value = 1.0 + 0.1 * rng.standard_normal(shape)
         else:
             value = config.initializer_range * rng.standard_normal(shape)
@@ -65,10 +79,20 @@ def random_llama_arrays(config, seed=0, dtype=np.float32):
     return family.ms_to_hf_arrays(arrays, config)
 
 
-def write_tiny_hf_llama(output_dir, seed=0, tokenizer_texts=None, **config_overrides):
-    """Write a random Llama as a HuggingFace folder (config.json, model.safetensors,
-    generation_config.json, tokenizer.model). Returns the LlamaConfig."""
-    config = LlamaConfig(**{**TINY_CONFIG, **config_overrides})
+def tiny_config(family="llama", **config_overrides):
+    """The LlamaConfig of the tiny demo model of `family` (a registry name or MindFormers' name)."""
+    settings = TINY_FAMILY_SETTINGS.get(str(family).lower())
+    family = family_named(family)
+    settings = TINY_FAMILY_SETTINGS.get(family.name, {}) if settings is None else settings
+    return LlamaConfig(**{**family.model_flags, **TINY_CONFIG, **settings,
+                          **config_overrides, "family": family.name})
+
+
+def write_tiny_hf_llama(output_dir, seed=0, tokenizer_texts=None, family="llama", **config_overrides):
+    """Write a random model of `family` (llama, qwen2, qwen3, mistral, baichuan2) as a HuggingFace
+    folder (config.json, model.safetensors, generation_config.json, tokenizer.model). Returns
+    the LlamaConfig."""
+    config = tiny_config(family, **config_overrides)
     with atomic_output(output_dir) as tmp:
         os.makedirs(tmp)
         save_file(random_llama_arrays(config, seed), os.path.join(tmp, "model.safetensors"),

@@ -5,6 +5,7 @@ Mistral with a window shorter than the sequence); Baichuan2's modeling code is n
 transformers, so its reference is LlamaForCausalLM with W_pack split and a row-normalising head
 (see family_reference.py)."""
 import json
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -177,3 +178,36 @@ def test_model_config_of_every_family_reads_back_from_its_config_json():
         config_json, _ = hf_files(family, reference_model(family))
         config = model_config_from_hf(config_json)
         assert model_config_from_hf(family_named(config.family).config_to_hf(config)) == config
+
+
+# ---- configs --------------------------------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REAL_SIZES = {  # (file, family, hidden, layers, heads, kv heads, head_dim, vocab), as each model's config.json
+    "llama3/finetune_llama3_1_8b.yaml": ("llama", 4096, 32, 32, 8, 128, 128256),
+    "qwen2/finetune_qwen2_5_7b.yaml": ("qwen2", 3584, 28, 28, 4, 128, 152064),
+    "qwen3/finetune_qwen3_8b.yaml": ("qwen3", 4096, 36, 32, 8, 128, 151936),
+    "mistral/finetune_mistral_7b_v0_3.yaml": ("mistral", 4096, 32, 32, 8, 128, 32768),
+    "baichuan2/finetune_baichuan2_7b.yaml": ("baichuan2", 4096, 32, 32, 32, 128, 125696),
+}
+
+
+@pytest.mark.parametrize("path", REAL_SIZES)
+def test_shipped_family_configs_hold_the_models_real_settings(path):
+    from mindsft.config import load_run_config
+    config = load_run_config(CONFIGS / path).model_config
+    family, *shape = REAL_SIZES[path]
+    assert config.family == family
+    assert [config.hidden_size, config.num_layers, config.num_heads, config.n_kv_heads, config.head_dim,
+            config.vocab_size] == shape
+    assert config.qkv_has_bias == (family == "qwen2") and config.qk_norm == (family == "qwen3")
+    assert config.norm_head == (family == "baichuan2")
+    assert (config.rope_scaling or {}).get("rope_type") == ("llama3" if family == "llama" else None)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral", "baichuan2"])
+def test_tiny_cpu_configs_describe_the_demo_model_of_their_family(family):
+    from mindsft.config import load_run_config
+    from mindsft.demo_model import tiny_config
+    config = load_run_config(CONFIGS / family / f"finetune_{family}_tiny_cpu.yaml").model_config
+    assert config == tiny_config(family)
