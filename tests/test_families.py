@@ -211,3 +211,31 @@ def test_tiny_cpu_configs_describe_the_demo_model_of_their_family(family):
     from mindsft.demo_model import tiny_config
     config = load_run_config(CONFIGS / family / f"finetune_{family}_tiny_cpu.yaml").model_config
     assert config == tiny_config(family)
+
+
+# ---- convert_weight.py --model ---------------------------------------------------------------------
+
+def convert_main(argv):
+    """Run tools/convert_weight.py's main in this process."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("convert_weight_tool", CONFIGS.parent / "tools" / "convert_weight.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool.main(argv)
+
+
+def test_convert_weight_takes_mindformers_family_names_or_infers_the_family(tmp_path, capsys):
+    write_family_folder("qwen2", reference_model("qwen2"), tmp_path / "hf")
+    assert convert_main(["--model", "qwen2", "--input_path", str(tmp_path / "hf"),
+                         "--output_path", str(tmp_path / "a.ckpt"), "--no_progress"]) == 0
+    assert convert_main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "b.ckpt"),
+                         "--no_progress"]) == 0
+    assert json.loads((tmp_path / "b.config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    assert convert_main(["--model", "mistral", "--input_path", str(tmp_path / "hf"),
+                         "--output_path", str(tmp_path / "c.ckpt"), "--no_progress"]) == 1
+    assert "--model mistral but the config describes a qwen2 model" in capsys.readouterr().err
+    assert not (tmp_path / "c.ckpt").exists()
+    assert convert_main(["--reversed", "--model", "qwen2", "--input_path", str(tmp_path / "b.ckpt"),
+                         "--output_path", str(tmp_path / "back"), "--no_progress"]) == 0
+    assert sorted(load_file(tmp_path / "back" / "model.safetensors")) == \
+        sorted(load_file(tmp_path / "hf" / "model.safetensors"))
