@@ -89,6 +89,12 @@ def packs_of(model):
     return found
 
 
+def hf_projection_of(model, module):
+    """PEFT's name (`W_pack`) of our module's projection."""
+    local = module.rsplit(".", 1)[-1]
+    return next((hf for hf, ours in family_of(model.config).lora_projections.items() if local in ours), local)
+
+
 def select_lora_modules(model, lora_config):
     """Full names of the linear cells (or packed modules, see `packs_of`) `lora_config` adapts,
     in model order; the cells of a chosen pack are not chosen alone."""
@@ -119,6 +125,13 @@ def select_lora_modules(model, lora_config):
                 chosen.append(pack)
         linear_names.append(full_name)
         if wanted(full_name) and not (pack is not None and pack in chosen):
+            if pack is not None:
+                # Its adapters could be neither exported to PEFT nor merged into the HF tensor.
+                raise ConfigError(f"LoRA target_modules {lora_config.target_modules!r} adapts {full_name} alone, but "
+                                  f"it is one part of the packed projection {pack} (HuggingFace's "
+                                  f"{family_of(model.config).hf_module_of(pack)}): target "
+                                  f"'.*{pack.rsplit('.', 1)[-1]}' (lora_target: "
+                                  f"{hf_projection_of(model, pack)}) instead")
             chosen.append(full_name)
     if not chosen:
         examples = ", ".join(linear_names[:8])

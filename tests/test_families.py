@@ -20,6 +20,7 @@ from mindsft.convert import hf_to_ms, ms_to_hf
 from mindsft.errors import ConfigError
 from mindsft.generate import GenerationConfig, Generator
 from mindsft.models.config import LlamaConfig
+from mindsft.models.cpu_kernels import causal_attention
 from mindsft.models.families import config_from_hf, family_named, model_config_from_hf
 
 
@@ -31,6 +32,8 @@ def test_logits_equal_the_reference(family):
     with torch.no_grad():
         expected = reference(torch.from_numpy(input_ids).long()).logits.numpy()
     assert np.abs(ours(ms.Tensor(input_ids)).asnumpy() - expected).max() <= 1e-5
+    if causal_attention(ours.config.head_dim) is not None:
+        assert ours.model.fused_causal  # head size 32 (Llama 3, Qwen3): this checks the fused CPU attention
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral_window_7", "baichuan2"])
@@ -239,3 +242,16 @@ def test_convert_weight_takes_mindformers_family_names_or_infers_the_family(tmp_
                          "--output_path", str(tmp_path / "back"), "--no_progress"]) == 0
     assert sorted(load_file(tmp_path / "back" / "model.safetensors")) == \
         sorted(load_file(tmp_path / "hf" / "model.safetensors"))
+
+
+def test_qwen_weights_in_a_llama_config_name_the_flag_to_set():
+    from mindsft.errors import ConvertError
+    from mindsft.models.build import assign_weights
+    from mindsft.models.llama import LlamaForCausalLM
+    import dataclasses
+    reference = reference_model("qwen3")
+    config = twin("qwen3", reference).config
+    model = LlamaForCausalLM(dataclasses.replace(config, qk_norm=False))
+    arrays = reference_arrays_as_ours(hf_files("qwen3", reference)[1], config)
+    with pytest.raises(ConvertError, match="attention.q_norm.weight.*q/k norm tensors: set qk_norm: True"):
+        assign_weights(model, arrays, source="qwen3.ckpt")

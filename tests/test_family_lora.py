@@ -165,3 +165,10 @@ def test_compiled_training_step_trains_the_adapters_with_the_gradients_of_the_ea
     for param in ours.get_parameters():
         if param.name in frozen:
             assert np.array_equal(param.asnumpy(), frozen[param.name]), param.name
+
+
+def test_lora_on_one_part_of_w_pack_is_refused_before_training():
+    from mindsft.errors import ConfigError
+    model = twin("baichuan2", reference_model("baichuan2"))
+    with pytest.raises(ConfigError, match=r"adapts model\.layers\.0\.attention\.wq alone.*W_pack.*'\.\*w_qkv'"):
+        apply_lora(model, LoraConfig(target_modules=".*wq|.*wv"))

@@ -120,6 +120,11 @@ def mismatch_hints(config, missing, unexpected, wrong_shapes):
                      "set tie_word_embeddings: True")
     if "lm_head.weight" in unexpected and config.tie_word_embeddings:
         hints.append("the weights hold an lm_head.weight: set tie_word_embeddings: False")
+    for suffix, flag, what in ((".bias", "qkv_has_bias", "q/k/v bias"), ("_norm.weight", "qk_norm", "q/k norm")):
+        if any(n.endswith(suffix) and ("attention." in n or "self_attn." in n) for n in unexpected):
+            hints.append(f"the weights hold {what} tensors: set {flag}: True")
+        if any(n.endswith(suffix) and ("attention." in n or "self_attn." in n) for n in missing):
+            hints.append(f"the weights have no {what} tensors: set {flag}: False")
     if any(".layers." in n for n in list(missing) + list(unexpected)):
         hints.append(f"layer tensors disagree with num_layers {config.num_layers}")
     settings = (("wk", "n_kv_heads / head_dim"), ("wv", "n_kv_heads / head_dim"), ("k_proj", "n_kv_heads / head_dim"),
