@@ -172,3 +172,21 @@ def test_lora_on_one_part_of_w_pack_is_refused_before_training():
     model = twin("baichuan2", reference_model("baichuan2"))
     with pytest.raises(ConfigError, match=r"adapts model\.layers\.0\.attention\.wq alone.*W_pack.*'\.\*w_qkv'"):
         apply_lora(model, LoraConfig(target_modules=".*wq|.*wv"))
+
+
+def test_merge_tool_on_a_converted_checkpoint_reads_its_family_from_the_config_beside_it(tmp_path):
+    from mindsft.convert import hf_to_ms
+    from mindsft.convert.convert import model_config_path
+    reference = reference_model("baichuan2", seed=3)
+    write_family_folder("baichuan2", reference, tmp_path / "hf")
+    base = tmp_path / "model.ckpt"
+    hf_to_ms(tmp_path / "hf", base, progress=False, config_path=model_config_path(base))
+    ours = with_lora(twin("baichuan2", reference), targets="W_pack")
+    save_peft_adapter(ours, tmp_path / "adapter")
+    merged = merge_lora_files(str(base), str(tmp_path / "adapter"), output=str(tmp_path / "merged.ckpt"),
+                              progress=False)
+    assert sorted(merged) == sorted(f"model.layers.{i}.attention.w{p}.weight" for i in range(2) for p in "qkv")
+    merge_lora(ours)
+    arrays = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(tmp_path / "merged.ckpt")).items()}
+    for param in ours.get_parameters():
+        assert np.abs(arrays[param.name] - param.asnumpy()).max() <= 1e-6, param.name

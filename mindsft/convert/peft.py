@@ -204,8 +204,12 @@ def open_base_weights(path):
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: no such checkpoint file or HuggingFace folder")
     tensors, _ = read_ckpt(path)
+    # The config that travels beside a converted checkpoint names its family (how adapters map).
+    from mindsft.convert.convert import model_config_path, read_model_config
+    config_path = model_config_path(path)
+    config = read_model_config(config_path) if os.path.isfile(config_path) else None
     return {name: t for name, t in tensors.items() if name.startswith(("model.", "lm_head."))
-            and not is_adapter_name(name)}, None, None
+            and not is_adapter_name(name)}, config, None
 
 
 def read_base_weights(path):
