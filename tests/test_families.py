@@ -255,3 +255,13 @@ def test_qwen_weights_in_a_llama_config_name_the_flag_to_set():
     arrays = reference_arrays_as_ours(hf_files("qwen3", reference)[1], config)
     with pytest.raises(ConvertError, match="attention.q_norm.weight.*q/k norm tensors: set qk_norm: True"):
         assign_weights(model, arrays, source="qwen3.ckpt")
+
+
+def test_mistral_window_in_cached_decoding_equals_recomputing_the_left_padded_batch():
+    reference = reference_model("mistral_window_7", scale=6.0)
+    generator = Generator(twin("mistral_window_7", reference))
+    rng = np.random.RandomState(2)
+    prompts = [rng.randint(3, reference.config.vocab_size, n).tolist() for n in (4, 13)]
+    config = GenerationConfig(max_new_tokens=16, eos_token_id=10**6)
+    cached = generator.generate(prompts, config, use_cache=True).sequences
+    assert cached == generator.generate(prompts, config, use_cache=False).sequences

@@ -2,7 +2,9 @@
 grouped key/value heads, SwiGLU MLP, decoder layer, model, causal-LM head and its loss.
 
 It computes what HuggingFace transformers' `LlamaForCausalLM` computes on the same weights,
-and its parameter names are MindFormers' Llama names so checkpoints interoperate.
+and its parameter names are MindFormers' Llama names so checkpoints interoperate. The other
+families are flags of the same cells (`LlamaConfig`): q/k/v biases (Qwen2), per-head q/k
+RMSNorm (Qwen3), a sliding attention window (Mistral), a row-normalised head (Baichuan2).
 """
 import math
 
