@@ -63,6 +63,41 @@ def train_tokenizer(texts, output_path, vocab_size=512):
     return output_path
 
 
+# The byte-level BPE `tokenizer.json` a family ships (Llama 3, Qwen, Mistral v0.3; Llama 2 and
+# Baichuan2 ship SentencePiece): its special tokens, ordered so that pad/unk is 0, the BOS 1 and
+# the end token 2 as in the tiny configs (Qwen has no BOS: 1 is <|im_start|>, never prepended),
+# and whether the post-processor puts the BOS before a text.
+BPE_SPECIAL_TOKENS = {
+    "llama3": (["<|finetune_right_pad_id|>", "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>",
+                "<|start_header_id|>", "<|end_header_id|>"], True),
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], False),
+    "qwen3": (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"], False),
+    "mistral": (["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], True),
+}
+
+
+def train_bpe_tokenizer(texts, folder, family, vocab_size=512):
+    """Train a byte-level BPE with `family`'s special tokens and write `tokenizer.json` and
+    `tokenizer_config.json` into `folder` (an HF tokenizer folder, as Llama 3's and Qwen's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    specials, adds_bos = BPE_SPECIAL_TOKENS[family]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    if adds_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{specials[1]} $A", pair=f"{specials[1]} $A {specials[1]} $B", special_tokens=[(specials[1], 1)])
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials[1] if adds_bos else None,
+              "eos_token": specials[2], "pad_token": specials[0], "clean_up_tokenization_spaces": False}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, ensure_ascii=False, indent=2)
+    return folder
+
+
 def random_llama_arrays(config, seed=0, dtype=np.float32):
     """{HuggingFace name: array} of a randomly initialised model of `config`'s family (norm weights near 1)."""
     rng = np.random.default_rng(seed)
@@ -90,8 +125,9 @@ def tiny_config(family="llama", **config_overrides):
 
 def write_tiny_hf_llama(output_dir, seed=0, tokenizer_texts=None, family="llama", **config_overrides):
     """Write a random model of `family` (llama, qwen2, qwen3, mistral, baichuan2) as a HuggingFace
-    folder (config.json, model.safetensors, generation_config.json, tokenizer.model). Returns
-    the LlamaConfig."""
+    folder (config.json, model.safetensors, generation_config.json, and the family's kind of
+    tokenizer: a byte-level BPE tokenizer.json for Llama 3, Qwen and Mistral, else a SentencePiece
+    tokenizer.model). Returns the LlamaConfig."""
     config = tiny_config(family, **config_overrides)
     with atomic_output(output_dir) as tmp:
         os.makedirs(tmp)
@@ -101,6 +137,9 @@ def write_tiny_hf_llama(output_dir, seed=0, tokenizer_texts=None, family="llama"
             json.dump(family_of(config).config_to_hf(config), f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, f, indent=2)
-        train_tokenizer(tokenizer_texts or sample_texts(), os.path.join(tmp, "tokenizer.model"),
-                        vocab_size=config.vocab_size)
+        if str(family).lower() in BPE_SPECIAL_TOKENS:
+            train_bpe_tokenizer(tokenizer_texts or sample_texts(), tmp, str(family).lower(), config.vocab_size)
+        else:
+            train_tokenizer(tokenizer_texts or sample_texts(), os.path.join(tmp, "tokenizer.model"),
+                            vocab_size=config.vocab_size)
     return config

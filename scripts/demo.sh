@@ -28,7 +28,7 @@ MODEL=tiny-$FAMILY
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 
-echo "== 1. a tiny random $FAMILY model in HuggingFace format (with a tokenizer trained on the sample)"
+echo "== 1. a tiny random $FAMILY model in HuggingFace format (with a tokenizer of its kind trained on the sample)"
 python -c "from mindsft.demo_model import write_tiny_hf_llama; write_tiny_hf_llama('$WORK/$MODEL-hf', family='$FAMILY')"
 
 echo "== 2. HuggingFace → MindSpore checkpoint"
@@ -41,7 +41,7 @@ python tools/alpaca_converter.py --data_path mindsft/sample_data/alpaca_sample.j
 echo "== 4. conversations → MindRecord (seq_length 256)"
 mkdir -p "$WORK/mindrecord"
 python tools/llama_preprocess.py --dataset_type qa --input_glob "$WORK/alpaca-conversation.json" \
-    --model_file "$WORK/$MODEL-hf/tokenizer.model" --seq_length 256 \
+    --model_file "$WORK/$MODEL-hf" --seq_length 256 \
     --output_file "$WORK/mindrecord/alpaca.mindrecord"
 
 echo "== 5. full fine-tuning on 2 workers with msrun"
@@ -58,7 +58,7 @@ python tools/convert_weight.py --reversed --input_path "$WORK/output/checkpoint/
 echo "== 7. ask the fine-tuned model (in the template its training data used), then score it on the sample"
 PREDICT="python run_mindformer.py --config $CONFIG --run_mode predict
     --load_checkpoint $WORK/output/checkpoint/${PREFIX}_final.ckpt
-    --processor.tokenizer.vocab_file $WORK/$MODEL-hf/tokenizer.model --max_new_tokens 24"
+    --processor.tokenizer.vocab_file $WORK/$MODEL-hf --max_new_tokens 24"
 $PREDICT --predict_data "$(python -c 'from mindsft.templates import alpaca_prompt; print(alpaca_prompt("What is the capital of France?"))')" \
     --output_dir "$WORK/predict"
 $PREDICT --predict_data mindsft/sample_data/alpaca_sample.json --output_dir "$WORK/eval"
