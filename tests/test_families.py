@@ -5,6 +5,7 @@ Mistral with a window shorter than the sequence); Baichuan2's modeling code is n
 transformers, so its reference is LlamaForCausalLM with W_pack split and a row-normalising head
 (see family_reference.py)."""
 import json
+import os
 from pathlib import Path
 
 import mindspore as ms
@@ -265,3 +266,21 @@ def test_mistral_window_in_cached_decoding_equals_recomputing_the_left_padded_ba
     config = GenerationConfig(max_new_tokens=16, eos_token_id=10**6)
     cached = generator.generate(prompts, config, use_cache=True).sequences
     assert cached == generator.generate(prompts, config, use_cache=False).sequences
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "mistral", "baichuan2"])
+def test_demo_model_of_a_family_loads_in_transformers_with_its_kind_of_tokenizer(family, tmp_path):
+    from mindsft.demo_model import write_tiny_hf_llama
+    from mindsft.tokenizer import load_tokenizer
+    config = write_tiny_hf_llama(tmp_path / "hf", family=family)
+    files = sorted(os.listdir(tmp_path / "hf"))
+    assert ("tokenizer.model" in files) == (family == "baichuan2")
+    if family == "baichuan2":
+        return  # its modeling and tokenizer code ship with the real model, not with transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.config.model_type == {"llama3": "llama"}.get(family, family)
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = load_tokenizer(tmp_path / "hf")
+    text = "Give three tips for staying healthy."
+    assert ours.encode(text, add_bos=ours.adds_bos) == reference(text)["input_ids"]
+    assert (ours.eos_id, ours.pad_id) == (config.eos_token_id, config.pad_token_id)
