@@ -284,3 +284,19 @@ def test_demo_model_of_a_family_loads_in_transformers_with_its_kind_of_tokenizer
     text = "Give three tips for staying healthy."
     assert ours.encode(text, add_bos=ours.adds_bos) == reference(text)["input_ids"]
     assert (ours.eos_id, ours.pad_id) == (config.eos_token_id, config.pad_token_id)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral_window_7", "baichuan2"])
+def test_packed_rows_give_each_sample_the_logits_it_has_alone(family):
+    reference = reference_model(family)
+    ours = twin(family, reference)
+    rng = np.random.RandomState(3)
+    samples = [rng.randint(3, reference.config.vocab_size, n).astype(np.int32) for n in (11, 5, 9)]
+    row = np.concatenate(samples + [np.zeros(3, np.int32)]).reshape(1, -1)
+    ends = np.cumsum([len(s) for s in samples]).astype(np.int32).reshape(1, -1)
+    packed = ours(ms.Tensor(row), actual_seq_len=ms.Tensor(ends)).asnumpy()[0]
+    start = 0
+    for sample in samples:
+        alone = ours(ms.Tensor(sample.reshape(1, -1))).asnumpy()[0]
+        assert np.abs(packed[start:start + len(sample)] - alone).max() <= 1e-5
+        start += len(sample)
