@@ -464,7 +464,7 @@ def resolve_model_config(config):
                           f"load_checkpoint {config.load_checkpoint or '(none)'}: give them in the YAML, or start "
                           "from a checkpoint written by tools/convert_weight.py (it writes X.config.json beside "
                           "X.ckpt) or from pretrained_model_dir")
-    return LlamaConfig.from_mindformers({**given, "family": family.name}, "model.model_config")
+    return LlamaConfig.from_mindformers({**family.model_flags, **given, "family": family.name}, "model.model_config")
 
 
 def resolve_lora(config):

@@ -21,9 +21,15 @@ from mindsft.models.quant_linear import QuantizedLinear
 
 
 class LoraLinear(nn.Cell):
-    """y = x·Wᵀ + scaling · dropout(x)·Aᵀ·Bᵀ; W is the frozen base weight, A and B are trained."""
+    """y = x·Wᵀ (+ b) + scaling · dropout(x)·Aᵀ·Bᵀ; W (and b) frozen, A and B trained.
 
-    def __init__(self, base, rank, scaling, dropout, lora_a, param_dtype):
+    On a packed projection (Baichuan's W_pack = wq, wk, wv) the cells of the pack share one A
+    and one stacked B, each using its own `rows` of B: what PEFT's LoRA on W_pack computes, with
+    the gradients of the shared A summed over the pack as autodiff sums them. (With dropout, each
+    cell draws its own mask where PEFT draws one for the pack.)
+    """
+
+    def __init__(self, base, scaling, dropout, lora_a, lora_b, rows=None):
         super().__init__()
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -31,21 +37,35 @@ class LoraLinear(nn.Cell):
         self.scaling = scaling
         self.weight = base.weight
         self.weight.requires_grad = False
+        self.has_bias = base.has_bias
+        if base.has_bias:
+            self.bias = base.bias
+            self.bias.requires_grad = False
         self.matmul = ops.MatMul(transpose_b=True)
-        self.mindpet_delta_lora_a = Parameter(Tensor(lora_a, param_dtype), name=LORA_A)
-        self.mindpet_delta_lora_b = Parameter(Tensor(np.zeros((self.out_features, rank), np.float32), param_dtype),
-                                              name=LORA_B)
+        self.mindpet_delta_lora_a = lora_a
+        self.mindpet_delta_lora_b = lora_b
+        self.rows = rows or (0, self.out_features)
+        self.packed = rows is not None
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
 
     def base_product(self, x):
-        return self.matmul(x, self.weight.astype(self.compute_dtype))
+        """x·Wᵀ (+ b): the frozen base's output (a quantized base computes it itself)."""
+        y = self.matmul(x, self.weight.astype(self.compute_dtype))
+        if self.has_bias:
+            y = y + self.bias.astype(self.compute_dtype)
+        return y
+
+    def lora_b_rows(self):
+        if self.packed:
+            return self.mindpet_delta_lora_b[self.rows[0]:self.rows[1]]
+        return self.mindpet_delta_lora_b
 
     def construct(self, x):
         out_shape = x.shape[:-1] + (self.out_features,)
         x = ops.reshape(x.astype(self.compute_dtype), (-1, self.in_features))
         y = self.base_product(x)
         low_rank = self.matmul(self.lora_dropout(x), self.mindpet_delta_lora_a.astype(self.compute_dtype))
-        y = y + self.matmul(low_rank, self.mindpet_delta_lora_b.astype(self.compute_dtype)) * self.scaling
+        y = y + self.matmul(low_rank, self.lora_b_rows().astype(self.compute_dtype)) * self.scaling
         return ops.reshape(y, out_shape)
 
 
@@ -53,17 +73,19 @@ class LoraQuantizedLinear(LoraLinear):
     """LoRA on a quantized frozen base (QLoRA): the base cell, kept as `base_layer` as PEFT names
     it, dequantizes its own weight; gradients reach A and B through that product."""
 
-    def __init__(self, base, rank, scaling, dropout, lora_a, param_dtype):
+    def __init__(self, base, scaling, dropout, lora_a, lora_b, rows=None):
         nn.Cell.__init__(self)
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.compute_dtype = base.compute_dtype
         self.scaling = scaling
         self.base_layer = base
+        self.has_bias = False
         self.matmul = ops.MatMul(transpose_b=True)
-        self.mindpet_delta_lora_a = Parameter(Tensor(lora_a, param_dtype), name=LORA_A)
-        self.mindpet_delta_lora_b = Parameter(Tensor(np.zeros((self.out_features, rank), np.float32), param_dtype),
-                                              name=LORA_B)
+        self.mindpet_delta_lora_a = lora_a
+        self.mindpet_delta_lora_b = lora_b
+        self.rows = rows or (0, self.out_features)
+        self.packed = rows is not None
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
 
     def base_product(self, x):
@@ -84,9 +106,36 @@ def _put_cell(model, full_name, cell):
     cell.update_parameters_name(full_name + ".")
 
 
+def packs_of(model):
+    """{full name of a packed module (`model.layers.0.attention.w_qkv`): full names of its cells}."""
+    packs = family_of(model.config).lora_packs if hasattr(model, "config") else {}
+    found = {}
+    for full_name, cell in model.cells_and_names():
+        for pack, members in packs.items():
+            if all(isinstance(getattr(cell, m, None), (Linear, LoraLinear)) for m in members):
+                prefix = full_name + "." if full_name else ""
+                found[prefix + pack] = tuple(prefix + m for m in members)
+    return found
+
+
+def hf_projection_of(model, module):
+    """PEFT's name (`W_pack`) of our module's projection."""
+    local = module.rsplit(".", 1)[-1]
+    return next((hf for hf, ours in family_of(model.config).lora_projections.items() if local in ours), local)
+
+
 def select_lora_modules(model, lora_config):
-    """Full names of the linear cells `lora_config` adapts, in model order."""
+    """Full names of the linear cells (or packed modules, see `packs_of`) `lora_config` adapts,
+    in model order; the cells of a chosen pack are not chosen alone."""
     excluded_prefixes, chosen, linear_names = [], [], []
+    packs = packs_of(model)
+    packed_cells = {member: pack for pack, members in packs.items() for member in members}
+
+    def wanted(full_name):
+        local = full_name.rsplit(".", 1)[-1]
+        return (full_name.startswith("model.") and re.match(lora_config.target_modules, local)) or \
+            re.fullmatch(lora_config.target_modules, full_name)
+
     for full_name, cell in model.cells_and_names():
         if not full_name:
             continue
@@ -97,10 +146,21 @@ def select_lora_modules(model, lora_config):
             raise ConfigError(f"LoRA is already applied to {full_name}")
         if not isinstance(cell, (Linear, QuantizedLinear)) or any((full_name + ".").startswith(p) for p in excluded_prefixes):
             continue
+        pack = packed_cells.get(full_name)
+        if pack is not None and pack not in linear_names:
+            linear_names.append(pack)
+            if wanted(pack) and not any(re.match(rule, pack.rsplit(".", 1)[-1])
+                                        for rule in lora_config.exclude_layers):
+                chosen.append(pack)
         linear_names.append(full_name)
-        in_decoder = full_name.startswith("model.")
-        if (in_decoder and re.match(lora_config.target_modules, local)) or \
-                re.fullmatch(lora_config.target_modules, full_name):
+        if wanted(full_name) and not (pack is not None and pack in chosen):
+            if pack is not None:
+                # Its adapters could be neither exported to PEFT nor merged into the HF tensor.
+                raise ConfigError(f"LoRA target_modules {lora_config.target_modules!r} adapts {full_name} alone, but "
+                                  f"it is one part of the packed projection {pack} (HuggingFace's "
+                                  f"{family_of(model.config).hf_module_of(pack)}): target "
+                                  f"'.*{pack.rsplit('.', 1)[-1]}' (lora_target: "
+                                  f"{hf_projection_of(model, pack)}) instead")
             chosen.append(full_name)
     if not chosen:
         examples = ", ".join(linear_names[:8])
@@ -116,17 +176,27 @@ def apply_lora(model, lora_config, seed=0):
     so the adapted model starts equal to the base. Returns the full names of the adapted cells.
     """
     chosen = select_lora_modules(model, lora_config)
+    packs = packs_of(model)
     rng = np.random.default_rng(seed)
     param_dtype = DTYPES[model.config.param_init_type]
     for param in model.get_parameters():
         param.requires_grad = False
     for full_name in chosen:
-        base = _cell_at(model, full_name)
-        bound = 1.0 / math.sqrt(base.in_features)
-        lora_a = rng.uniform(-bound, bound, (lora_config.rank, base.in_features)).astype(np.float32)
-        wrapper = LoraQuantizedLinear if isinstance(base, QuantizedLinear) else LoraLinear
-        _put_cell(model, full_name, wrapper(base, lora_config.rank, lora_config.scaling,
-                                               lora_config.dropout, lora_a, param_dtype))
+        bases = [_cell_at(model, member) for member in packs.get(full_name, (full_name,))]
+        in_features, out_features = bases[0].in_features, sum(base.out_features for base in bases)
+        bound = 1.0 / math.sqrt(in_features)
+        lora_a = Parameter(Tensor(rng.uniform(-bound, bound, (lora_config.rank, in_features)).astype(np.float32),
+                                  param_dtype), name=f"{full_name}.{LORA_A}")
+        lora_b = Parameter(Tensor(np.zeros((out_features, lora_config.rank), np.float32), param_dtype),
+                           name=f"{full_name}.{LORA_B}")
+        start = 0
+        for member, base in zip(packs.get(full_name, (full_name,)), bases):
+            rows = (start, start + base.out_features) if full_name in packs else None
+            wrapper = LoraQuantizedLinear if isinstance(base, QuantizedLinear) else LoraLinear
+            _put_cell(model, member, wrapper(base, lora_config.scaling, lora_config.dropout, lora_a, lora_b, rows))
+            start += base.out_features
+        # Named last: putting each cell of a pack renamed the shared A and B after that cell.
+        lora_a.name, lora_b.name = f"{full_name}.{LORA_A}", f"{full_name}.{LORA_B}"
     model.lora_config = lora_config
     return chosen
 
@@ -161,10 +231,12 @@ def merge_lora(model):
         raise ConfigError("merge_lora: the base is quantized; merge the adapters into the full-precision base "
                           "with tools/merge_lora.py")
     for full_name, cell in lora_modules(model).items():
-        weight = merged_weight(cell.weight.asnumpy(), cell.mindpet_delta_lora_a.asnumpy(),
-                               cell.mindpet_delta_lora_b.asnumpy(), cell.scaling)
-        plain = Linear(cell.in_features, cell.out_features, model.config)
+        lora_b = cell.mindpet_delta_lora_b.asnumpy()[cell.rows[0]:cell.rows[1]]
+        weight = merged_weight(cell.weight.asnumpy(), cell.mindpet_delta_lora_a.asnumpy(), lora_b, cell.scaling)
+        plain = Linear(cell.in_features, cell.out_features, model.config, has_bias=cell.has_bias)
         plain.weight = Parameter(Tensor(weight), name="weight", requires_grad=True)
+        if cell.has_bias:
+            plain.bias = Parameter(cell.bias.data, name="bias", requires_grad=True)
         _put_cell(model, full_name, plain)
     for param in model.get_parameters():
         param.requires_grad = True

@@ -145,6 +145,26 @@ def read_peft_adapter(adapter_dir, family=None):
     return lora_config, arrays
 
 
+def unpacked_adapters(adapter_arrays, base_shapes, family=None):
+    """Adapters on packed modules (Baichuan's `attention.w_qkv`: one A, one stacked B) as the
+    same adapters on each cell of the pack (A shared, B's rows split): what merging folds."""
+    packs = (family or FAMILIES["llama"]).lora_packs
+    out = {}
+    for name, value in adapter_arrays.items():
+        module, kind = name.rsplit(".", 1)
+        parent, _, local = module.rpartition(".")
+        if local not in packs or not is_adapter_name(name):
+            out[name] = value
+            continue
+        start = 0
+        for member in packs[local]:
+            member_module = f"{parent}.{member}"
+            rows = tuple(base_shapes.get(f"{member_module}.weight", (0,)))[0]
+            out[f"{member_module}.{kind}"] = value if kind == LORA_A else value[start:start + rows]
+            start += rows
+    return out
+
+
 def adapted_modules(adapter_arrays, base_shapes, lora_config, source="adapter"):
     """Names of the modules the adapters change, after checking each A/B pair fits its base weight."""
     modules = sorted({k.rsplit(".", 1)[0] for k in adapter_arrays if is_adapter_name(k)})
@@ -187,8 +207,12 @@ def open_base_weights(path):
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: no such checkpoint file or HuggingFace folder")
     tensors, _ = read_ckpt(path)
+    # The config that travels beside a converted checkpoint names its family (how adapters map).
+    from mindsft.convert.convert import model_config_path, read_model_config
+    config_path = model_config_path(path)
+    config = read_model_config(config_path) if os.path.isfile(config_path) else None
     return {name: t for name, t in tensors.items() if name.startswith(("model.", "lm_head."))
-            and not is_adapter_name(name)}, None, None
+            and not is_adapter_name(name)}, config, None
 
 
 def read_base_weights(path):
@@ -262,6 +286,7 @@ def merge_lora_files(base, adapter, output=None, hf_output=None, lora_config=Non
     config = base_config or model_config
     family = family_of(config) if config is not None else None
     lora_config, adapter_arrays = read_adapter(adapter, lora_config, family)
+    adapter_arrays = unpacked_adapters(adapter_arrays, {n: t.shape for n, t in tensors.items()}, family)
     modules = adapted_modules(adapter_arrays, {n: t.shape for n, t in tensors.items()}, lora_config,
                               source=os.fspath(adapter))
     if hf_output and config is None:

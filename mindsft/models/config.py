@@ -51,6 +51,13 @@ class LlamaConfig:
     compute_dtype: str = "float32"
     param_init_type: str = "float32"
     initializer_range: float = 0.02
+    # Family flags (see models/families/): biases on q/k/v (Qwen2), RMSNorm of each query and key
+    # head (Qwen3), attention only over the last `sliding_window` tokens (Mistral), output rows
+    # normalised in the forward pass (Baichuan2's NormHead).
+    qkv_has_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: Optional[int] = None
+    norm_head: bool = False
 
     def __post_init__(self):
         for key in SHAPE_KEYS + ("seq_length", "max_position_embeddings"):
@@ -76,6 +83,11 @@ class LlamaConfig:
         self.param_init_type = canonical_dtype(self.param_init_type, "param_init_type")
         if self.rope_scaling is not None:
             self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"model_config.sliding_window must be at least 1 (or null), got {self.sliding_window}")
+        if self.norm_head and self.tie_word_embeddings:
+            raise ConfigError("model_config.norm_head normalises the output head's own rows: it cannot be "
+                              "combined with tie_word_embeddings")
 
     # MindFormers' model_config keys that are about speed or placement, not about what is computed
     # (accepted so a MindFormers YAML reads unchanged; config.no_effect_settings reports them).
@@ -85,12 +97,13 @@ class LlamaConfig:
         "max_decode_length", "top_k", "top_p", "do_sample", "use_paged_attention", "block_size",
         "num_blocks", "fine_grain_interleave", "qkv_concat", "use_rope_slice", "use_past_shard",
         "is_dynamic", "scaling_factor", "extend_method", "parallel_optimizer", "fused_rms_norm",
-        "qkv_has_bias", "embedding_init_type", "pp_interleave_num", "use_ring_attention",
+        "embedding_init_type", "pp_interleave_num", "use_ring_attention",
         "output_attentions", "output_hidden_states", "return_dict",
     })
     # MindFormers name -> our field name.
     MINDFORMERS_RENAMES = {"theta": "rope_theta", "ignore_token_id": "ignore_index",
-                           "max_position_embedding": "max_position_embeddings"}
+                           "max_position_embedding": "max_position_embeddings",
+                           "qk_layernorm": "qk_norm", "use_qk_norm": "qk_norm"}
 
     @classmethod
     def field_names(cls):

@@ -2,7 +2,9 @@
 grouped key/value heads, SwiGLU MLP, decoder layer, model, causal-LM head and its loss.
 
 It computes what HuggingFace transformers' `LlamaForCausalLM` computes on the same weights,
-and its parameter names are MindFormers' Llama names so checkpoints interoperate.
+and its parameter names are MindFormers' Llama names so checkpoints interoperate. The other
+families are flags of the same cells (`LlamaConfig`): q/k/v biases (Qwen2), per-head q/k
+RMSNorm (Qwen3), a sliding attention window (Mistral), a row-normalised head (Baichuan2).
 """
 import math
 
@@ -73,7 +75,32 @@ def packed_segments(actual_seq_len, seq):
 
 
 class Linear(nn.Cell):
-    """y = x · Wᵀ with W stored [out, in] (as HuggingFace and MindFormers store it), no bias."""
+    """y = x · Wᵀ (+ b) with W stored [out, in] (as HuggingFace and MindFormers store it)."""
+
+    def __init__(self, in_features, out_features, config, has_bias=False):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = DTYPES[config.compute_dtype]
+        self.weight = Parameter(initializer(Normal(config.initializer_range), [out_features, in_features],
+                                            DTYPES[config.param_init_type]), name="weight")
+        self.has_bias = has_bias
+        if has_bias:
+            self.bias = Parameter(initializer("zeros", [out_features], DTYPES[config.param_init_type]), name="bias")
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        out_shape = x.shape[:-1] + (self.out_features,)
+        x = ops.reshape(x.astype(self.compute_dtype), (-1, self.in_features))
+        y = self.matmul(x, self.weight.astype(self.compute_dtype))
+        if self.has_bias:
+            y = y + self.bias.astype(self.compute_dtype)
+        return ops.reshape(y, out_shape)
+
+
+class NormHead(nn.Cell):
+    """Baichuan2's output head: logits = x · normalize(W)ᵀ, every row of W scaled to unit length in
+    the forward pass, so training updates the raw weight as Baichuan's own training does."""
 
     def __init__(self, in_features, out_features, config):
         super().__init__()
@@ -86,9 +113,12 @@ class Linear(nn.Cell):
 
     def construct(self, x):
         out_shape = x.shape[:-1] + (self.out_features,)
+        weight = self.weight.astype(ms.float32)
+        # torch's F.normalize: the norm clamped at 1e-12, in float32 whatever the weight's dtype.
+        norms = ops.maximum(ops.sqrt((weight * weight).sum(1, keepdims=True)), 1e-12)
+        weight = (weight / norms).astype(self.compute_dtype)
         x = ops.reshape(x.astype(self.compute_dtype), (-1, self.in_features))
-        y = self.matmul(x, self.weight.astype(self.compute_dtype))
-        return ops.reshape(y, out_shape)
+        return ops.reshape(self.matmul(x, weight), out_shape)
 
 
 class Embedding(nn.Cell):
@@ -129,10 +159,14 @@ class Attention(nn.Cell):
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self.compute_dtype = DTYPES[config.compute_dtype]
         q_size, kv_size = config.num_heads * config.head_dim, config.n_kv_heads * config.head_dim
-        self.wq = Linear(config.hidden_size, q_size, config)
-        self.wk = Linear(config.hidden_size, kv_size, config)
-        self.wv = Linear(config.hidden_size, kv_size, config)
+        self.wq = Linear(config.hidden_size, q_size, config, has_bias=config.qkv_has_bias)
+        self.wk = Linear(config.hidden_size, kv_size, config, has_bias=config.qkv_has_bias)
+        self.wv = Linear(config.hidden_size, kv_size, config, has_bias=config.qkv_has_bias)
         self.wo = Linear(q_size, config.hidden_size, config)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, config)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, config)
         # The fused causal kernel (CPU, fp32); None elsewhere, and then MindSpore's own ops run.
         self.fused_causal = causal_attention(config.head_dim) if self.compute_dtype == ms.float32 else None
         # Its packed-row form. On Ascend the same offsets would go to FlashAttentionScore's
@@ -143,8 +177,12 @@ class Attention(nn.Cell):
     def rotated_qkv(self, x, cos, sin):
         """Queries (rotated, pre-scaled by 1/sqrt(head_dim)), keys (rotated), values: [B, heads, S, head_dim]."""
         batch, seq = x.shape[0], x.shape[1]
-        q = self.wq(x).reshape(batch, seq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.wk(x).reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = self.wq(x).reshape(batch, seq, self.num_heads, self.head_dim)
+        k = self.wk(x).reshape(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(0, 2, 1, 3)
+        k = k.transpose(0, 2, 1, 3)
         v = self.wv(x).reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         cos = ops.expand_dims(cos, 1)
         sin = ops.expand_dims(sin, 1)
@@ -235,6 +273,7 @@ class LlamaModel(nn.Cell):
         self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
         self.inv_freq = Tensor(rope_inverse_frequencies(config))
         self.fused_causal = self.layers[0].attention.fused_causal is not None
+        self.sliding_window = config.sliding_window
 
     def rotary_tables(self, position_ids):
         """cos, sin [B, S, head_dim] in the compute dtype, computed in float32 as transformers does."""
@@ -252,6 +291,12 @@ class LlamaModel(nn.Cell):
         """
         batch, seq = input_ids.shape
         causal = ops.tril(ops.ones((seq, seq), ms.bool_))
+        windowed = self.sliding_window is not None and seq > self.sliding_window
+        if windowed:
+            # Mistral's window, as transformers masks it: a token sees the `sliding_window` slots
+            # up to and including its own (the fused kernels know no window, so the mask path runs).
+            index = ops.arange(0, seq, dtype=ms.int32)
+            causal = ops.logical_and(causal, index.reshape(1, seq) > index.reshape(seq, 1) - self.sliding_window)
         if actual_seq_len is not None:
             sample, start = packed_segments(actual_seq_len, seq)
             position_ids = ops.broadcast_to(ops.arange(0, seq, dtype=ms.int32).reshape(1, seq), (batch, seq)) - start
@@ -266,7 +311,7 @@ class LlamaModel(nn.Cell):
             keep = attention_mask.astype(ms.int32)
             position_ids = ops.clamp(ops.cumsum(keep, 1) - 1, 0)
             allowed = ops.logical_and(causal.reshape(1, 1, seq, seq), keep.astype(ms.bool_).reshape(batch, 1, 1, seq))
-        if attention_mask is None and self.fused_causal:
+        if attention_mask is None and self.fused_causal and not windowed:
             mask = None  # plain causal: the fused kernel needs no mask
         else:
             mask = ops.select(allowed, ops.zeros(allowed.shape, ms.float32),
@@ -291,6 +336,8 @@ class LlamaModel(nn.Cell):
         slots = ops.arange(0, cache_len, dtype=ms.int32).reshape(1, cache_len)
         query_slots = query_slots.reshape(seq, 1)
         causal = slots <= query_slots
+        if self.sliding_window is not None and cache_len > self.sliding_window:
+            causal = ops.logical_and(causal, slots > query_slots - self.sliding_window)
         allowed = ops.logical_and(causal.reshape(1, 1, seq, cache_len),
                                   cache_mask.astype(ms.bool_).reshape(batch, 1, 1, cache_len))
         mask = ops.select(allowed, ops.zeros(allowed.shape, ms.float32),
@@ -319,7 +366,9 @@ class LlamaForCausalLM(nn.Cell):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        if not config.tie_word_embeddings:
+        if config.norm_head:
+            self.lm_head = NormHead(config.hidden_size, config.vocab_size, config)
+        elif not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, config)
         self.compute_dtype = DTYPES[config.compute_dtype]
         self.ignore_index = config.ignore_index

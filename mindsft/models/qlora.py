@@ -113,6 +113,9 @@ def build_quantized_llama(llama_config, weights_path, quantization):
 
 def build_quantized_base(config):
     """The run's quantized base model (`quantization_bit` set), its weights already loaded."""
+    if config.model_config.qkv_has_bias:
+        raise ConfigError("quantization_bit: a model with q/k/v biases (Qwen2) cannot have a quantized base yet "
+                          "(the quantized linear cells hold no bias); train LoRA on the full-precision base")
     quantization = Quantization(config.quantization_bit, config.quantization_type, config.double_quantization)
     model, report = build_quantized_llama(config.model_config, base_weights_path(config), quantization)
     print(report)

@@ -5,9 +5,10 @@ and writer, weight-shape table and HF ⇄ MindSpore weight map), picked by MindF
 Adding a family is adding its module and a line in FAMILIES, then its parity test.
 """
 from mindsft.errors import ConfigError
-from mindsft.models.families import llama
+from mindsft.models.families import baichuan2, llama, mistral, qwen2, qwen3
 
-FAMILIES = {family.name: family for family in (llama.FAMILY,)}
+FAMILIES = {family.name: family for family in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY,
+                                               baichuan2.FAMILY)}
 
 
 def family_named(name):

@@ -43,6 +43,14 @@ class Family:
     hf_ignored: Callable[[str], bool] = lambda name: False   # buffers that are recomputed, never weights
     # HuggingFace projection name (as PEFT's target_modules spell it) -> our cell names it covers.
     lora_projections: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # LlamaConfig settings every model of the family has (Qwen2's q/k/v biases), applied when a
+    # config is built from MindFormers' model_config rather than read from a config.json.
+    model_flags: Dict[str, object] = dataclasses.field(default_factory=dict)
+    # A HF projection that is several of our cells stacked (Baichuan's W_pack = wq, wk, wv), as
+    # LoRA sees it: our name for the packed module -> the cells it stacks, in order, and its HF
+    # name pattern -> ours, `{i}` the layer index. A LoRA on it has one A and one stacked B.
+    lora_packs: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    packed_renames: Tuple[Tuple[str, str], ...] = ()
 
     def weight_shapes(self, config):
         """{MindFormers name: shape} of every parameter, in model order."""
@@ -75,10 +83,10 @@ class Family:
         """[(HF pattern, our pattern)] of the one-to-one entries, `{i}` the layer index: what maps
         module names (LoRA adapters) whatever the model's depth."""
         from mindsft.models.config import LlamaConfig
-        probe = LlamaConfig(family=self.name, vocab_size=8, hidden_size=8, num_layers=1, num_heads=1,
-                            intermediate_size=8)
+        probe = LlamaConfig(**{**self.model_flags, "family": self.name, "vocab_size": 8, "hidden_size": 8,
+                               "num_layers": 1, "num_heads": 1, "intermediate_size": 8})
         return [(e.hf_name.replace(".layers.0.", ".layers.{i}."), e.ms_names[0].replace(".layers.0.", ".layers.{i}."))
-                for e in self.weight_entries(probe) if not e.is_split]
+                for e in self.weight_entries(probe) if not e.is_split] + list(self.packed_renames)
 
     def hf_module_of(self, ms_module):
         """HuggingFace module name of our linear cell (`model.layers.3.attention.wq` →
@@ -112,6 +120,11 @@ def mismatch_hints(config, missing, unexpected, wrong_shapes):
                      "set tie_word_embeddings: True")
     if "lm_head.weight" in unexpected and config.tie_word_embeddings:
         hints.append("the weights hold an lm_head.weight: set tie_word_embeddings: False")
+    for suffix, flag, what in ((".bias", "qkv_has_bias", "q/k/v bias"), ("_norm.weight", "qk_norm", "q/k norm")):
+        if any(n.endswith(suffix) and ("attention." in n or "self_attn." in n) for n in unexpected):
+            hints.append(f"the weights hold {what} tensors: set {flag}: True")
+        if any(n.endswith(suffix) and ("attention." in n or "self_attn." in n) for n in missing):
+            hints.append(f"the weights have no {what} tensors: set {flag}: False")
     if any(".layers." in n for n in list(missing) + list(unexpected)):
         hints.append(f"layer tensors disagree with num_layers {config.num_layers}")
     settings = (("wk", "n_kv_heads / head_dim"), ("wv", "n_kv_heads / head_dim"), ("k_proj", "n_kv_heads / head_dim"),

@@ -10,12 +10,18 @@ from mindsft.models.config import LlamaConfig, canonical_dtype
 from mindsft.models.families.base import Family, entries_from_table
 from mindsft.typed import coerce
 
-# HuggingFace buffers that are recomputed, never weights.
-_HF_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$|^model\.rotary_emb\.inv_freq$")
+# HuggingFace buffers that are recomputed, never weights (Baichuan's files also hold its caches).
+_HF_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.(inv_freq|cos_cached|sin_cached)$"
+                         r"|^model\.rotary_emb\.inv_freq$")
+
+
+def hf_ignored(name):
+    return bool(_HF_IGNORED.match(name))
 
 
 def weight_table(config):
-    """[(HF name, our name, shape)] with `{i}` the layer index."""
+    """[(HF name, our name, shape)] with `{i}` the layer index; the family flags of `config`
+    (q/k/v biases, q/k norms, tied head) add or drop rows."""
     hidden, q_out, kv_out = config.hidden_size, config.num_heads * config.head_dim, config.n_kv_heads * config.head_dim
     ffn, vocab = config.intermediate_size, config.vocab_size
     table = [
@@ -31,6 +37,16 @@ def weight_table(config):
         ("model.layers.{i}.post_attention_layernorm.weight", "model.layers.{i}.ffn_norm.weight", (hidden,)),
         ("model.norm.weight", "model.norm_out.weight", (hidden,)),
     ]
+    if config.qkv_has_bias:
+        table[2:2] = [("model.layers.{i}.self_attn.q_proj.bias", "model.layers.{i}.attention.wq.bias", (q_out,)),
+                      ("model.layers.{i}.self_attn.k_proj.bias", "model.layers.{i}.attention.wk.bias", (kv_out,)),
+                      ("model.layers.{i}.self_attn.v_proj.bias", "model.layers.{i}.attention.wv.bias", (kv_out,))]
+    if config.qk_norm:
+        at = next(n for n, row in enumerate(table) if "o_proj" in row[0]) + 1
+        table[at:at] = [("model.layers.{i}.self_attn.q_norm.weight", "model.layers.{i}.attention.q_norm.weight",
+                         (config.head_dim,)),
+                        ("model.layers.{i}.self_attn.k_norm.weight", "model.layers.{i}.attention.k_norm.weight",
+                         (config.head_dim,))]
     if not config.tie_word_embeddings:
         table.append(("lm_head.weight", "lm_head.weight", (vocab, hidden)))
     return table
@@ -49,8 +65,9 @@ def hf_value(hf_config, key, tp, source, default=...):
     return coerce(hf_config[key], tp, f"{source}: {key}")
 
 
-def llama_config_from_hf(hf_config, source="config.json", family="llama"):
-    """LlamaConfig from a HuggingFace config mapping (transformers 4 or 5 layout)."""
+def llama_config_from_hf(hf_config, source="config.json", family="llama", allowed=(), **flags):
+    """LlamaConfig from a HuggingFace config mapping (transformers 4 or 5 layout); `flags` are
+    the family's own LlamaConfig settings, `allowed` the HF keys its reader has already checked."""
     if not isinstance(hf_config, dict):
         raise ConfigError(f"{source}: expected a JSON object of settings")
     rope = hf_config.get("rope_parameters") or {}
@@ -63,7 +80,7 @@ def llama_config_from_hf(hf_config, source="config.json", family="llama"):
     if hf_config.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: hidden_act {hf_config['hidden_act']!r} is not supported (silu only)")
     for flag in ("attention_bias", "mlp_bias"):
-        if hf_config.get(flag):
+        if hf_config.get(flag) and flag not in allowed:
             raise ConfigError(f"{source}: {flag}=true is not supported by the {family} family")
     dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
     eos = hf_config.get("eos_token_id", 2)
@@ -89,6 +106,7 @@ def llama_config_from_hf(hf_config, source="config.json", family="llama"):
         param_init_type=canonical_dtype(dtype),
         compute_dtype=canonical_dtype(dtype),
         initializer_range=hf_value(hf_config, "initializer_range", float, source, 0.02),
+        **flags,
     )
 
 
@@ -121,6 +139,10 @@ def llama_config_to_hf(config, dtype=None, architecture="LlamaForCausalLM", mode
     }
 
 
+# PEFT's target_modules names of the projections -> our cells.
+LORA_PROJECTIONS = {"q_proj": ("wq",), "k_proj": ("wk",), "v_proj": ("wv",), "o_proj": ("wo",),
+                    "gate_proj": ("w1",), "down_proj": ("w2",), "up_proj": ("w3",)}
+
 FAMILY = Family(
     name="llama",
     mindformers_names=("llama", "llama2", "llama3"),
@@ -130,7 +152,6 @@ FAMILY = Family(
     config_from_hf=llama_config_from_hf,
     config_to_hf=lambda config, dtype=None: llama_config_to_hf(config, dtype),
     weight_entries=weight_entries,
-    hf_ignored=lambda name: bool(_HF_IGNORED.match(name)),
-    lora_projections={"q_proj": ("wq",), "k_proj": ("wk",), "v_proj": ("wv",), "o_proj": ("wo",),
-                      "gate_proj": ("w1",), "down_proj": ("w2",), "up_proj": ("w3",)},
+    hf_ignored=hf_ignored,
+    lora_projections=LORA_PROJECTIONS,
 )
