@@ -232,8 +232,10 @@ class RunConfig:
     callbacks: CallbacksConfig = dataclasses.field(default_factory=CallbacksConfig)
     context: ContextConfig = dataclasses.field(default_factory=ContextConfig)
     processor: ProcessorConfig = dataclasses.field(default_factory=ProcessorConfig)
-    # MindFormers 1.5+: a HuggingFace folder (config.json, tokenizer, weights) to start from.
+    # MindFormers 1.5+: a HuggingFace folder (config.json, tokenizer, weights) to start from, and
+    # the format of load_checkpoint (read by its suffix; the key says which a folder is searched for).
     pretrained_model_dir: Optional[str] = None
+    load_ckpt_format: str = "ckpt"
     # Predict settings: HuggingFace generation_config.json keys; used by mindsft.predict.
     generation_config: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     predict_data: Optional[Any] = None
@@ -520,6 +522,12 @@ def validate(config):
         if getattr(config, section).pad_to_multiple_of < 0:
             raise ConfigError(f"{section}.pad_to_multiple_of must be 0 (off) or a positive number of tokens, got "
                               f"{getattr(config, section).pad_to_multiple_of}")
+    formats = ("ckpt", "safetensors")
+    for key, value in (("load_ckpt_format", config.load_ckpt_format),
+                       ("CheckpointMonitor checkpoint_format",
+                        config.callbacks.checkpoint.checkpoint_format if config.callbacks.checkpoint else "ckpt")):
+        if value not in formats:
+            raise ConfigError(f"{key} {value!r} is not one of ckpt, safetensors{nearest_hint(value, formats)}")
     if not isinstance(config.model.model_config, dict):
         raise ConfigError("model.model_config must be a mapping of model settings")
     validate_quantization(config)

@@ -152,8 +152,10 @@ def model_config_path(ckpt_path):
     """Where the model's config travels with a checkpoint: `model.ckpt` → `model.config.json`
     (HuggingFace's config.json layout, so any HF tool reads it too)."""
     path = os.fspath(ckpt_path)
-    stem = path[:-len(".ckpt")] if path.endswith(".ckpt") else path
-    return stem + ".config.json"
+    for suffix in (".ckpt", ".safetensors"):
+        if path.endswith(suffix):
+            return path[:-len(suffix)] + ".config.json"
+    return path + ".config.json"
 
 
 def write_model_config(model_config, path, dtype=None):

@@ -89,3 +89,38 @@ def write_safetensors(path, tensors, metadata=None, on_bytes=None):
                 raise ConvertError(f"{path}: tensor {name} produced {written} bytes, "
                                    f"expected {math.prod(shape) * dtypes.itemsize(dtype)}")
     return path
+
+
+# Training checkpoints in safetensors (MindFormers 1.5+'s format) carry a CRC-32 per tensor in the
+# header's metadata, as our .ckpt files carry MindSpore's crc trailer: verified before use.
+CRC_METADATA_KEY = "mindsft_crc32"
+
+
+def write_checked_safetensors(path, arrays):
+    """Write [(name, dtype, storage array)] with each tensor's CRC-32 in the metadata."""
+    import numpy as np
+    import zlib
+    flat = [(name, dtype, np.asarray(array)) for name, dtype, array in arrays]
+    crcs = {name: zlib.crc32(np.ascontiguousarray(array).tobytes()) for name, _, array in flat}
+    entries = [(name, dtype, array.shape, [np.ravel(array)]) for name, dtype, array in flat]
+    return write_safetensors(path, entries, {"format": "ms", CRC_METADATA_KEY: json.dumps(crcs)})
+
+
+def verify_safetensors(path):
+    """Raise ConvertError naming `path` and the tensor if a recorded CRC-32 does not match (files
+    without recorded checksums, such as HuggingFace's, pass unverified)."""
+    import zlib
+    tensors, metadata = read_safetensors(path)
+    if CRC_METADATA_KEY not in metadata:
+        return tensors
+    try:
+        crcs = json.loads(metadata[CRC_METADATA_KEY])
+    except ValueError:
+        raise ConvertError(f"{path} is damaged: its checksum record is not JSON") from None
+    for name, stored in tensors.items():
+        crc = 0
+        for block in stored.read_blocks(max(1, (16 << 20) // dtypes.itemsize(stored.dtype))):
+            crc = zlib.crc32(memoryview(block).cast("B"), crc)
+        if crcs.get(name) != crc:
+            raise ConvertError(f"{path} is damaged: tensor {name} fails its checksum")
+    return tensors

@@ -88,7 +88,7 @@ def load_start_weights(model, config, rank=0):
     if config.quantization_bit:
         return
     if config.load_checkpoint:
-        load_weights(model, find_weights_file(config.load_checkpoint, rank))
+        load_weights(model, find_weights_file(config.load_checkpoint, rank, config.load_ckpt_format))
     elif config.pretrained_model_dir:
         load_hf_weights(model, config.pretrained_model_dir)
 

@@ -1,4 +1,5 @@
-"""Training checkpoints: `checkpoint/rank_{r}/{prefix}_rank_{r}-{step}.ckpt` plus `meta.json`.
+"""Training checkpoints: `checkpoint/rank_{r}/{prefix}_rank_{r}-{step}.ckpt` (or `.safetensors`,
+`checkpoint_format: safetensors` of the CheckpointMonitor, MindFormers 1.5+) plus `meta.json`.
 
 A checkpoint holds the weights, the optimizer moments (`adam_m.<param>`, `adam_v.<param>`,
 MindFormers' names), `global_step`, `loss_scale`, and the data position (`epoch_num`,
@@ -18,24 +19,26 @@ import mindspore as ms
 
 from mindsft.convert import dtypes
 from mindsft.convert.ckpt_format import read_ckpt, verify_ckpt, write_arrays
+from mindsft.convert.safetensors_format import verify_safetensors, write_checked_safetensors
 from mindsft.errors import CheckpointError, ConfigError, ConvertError
 from mindsft.files import atomic_output, remove_partials, remove_path
 
 META_FILE = "meta.json"
+SUFFIXES = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
 
 
 def rank_dir(checkpoint_dir, rank):
     return os.path.join(checkpoint_dir, f"rank_{rank}")
 
 
-def checkpoint_name(prefix, rank, step):
-    return f"{prefix}_rank_{rank}-{step}.ckpt"
+def checkpoint_name(prefix, rank, step, checkpoint_format="ckpt"):
+    return f"{prefix}_rank_{rank}-{step}{SUFFIXES[checkpoint_format]}"
 
 
 def checkpoint_steps(checkpoint_dir, rank):
     """{step: path} of the complete checkpoints of one rank (temporary files are not listed)."""
     folder = rank_dir(checkpoint_dir, rank)
-    pattern = re.compile(rf"^(?P<prefix>.+)_rank_{rank}-(?P<step>\d+)\.ckpt$")
+    pattern = re.compile(rf"^(?P<prefix>.+)_rank_{rank}-(?P<step>\d+)\.(ckpt|safetensors)$")
     found = {}
     if os.path.isdir(folder):
         for name in os.listdir(folder):
@@ -56,9 +59,15 @@ def storage_array(value):
 
 
 def write_checkpoint_file(entries, path):
-    """[(name, Tensor or number)] as a `.ckpt` at `path`, through a temporary name."""
+    """[(name, Tensor or number)] as a `.ckpt` (or `.safetensors`) at `path`, through a temporary name."""
+    write = write_checked_safetensors if path.endswith(".safetensors") else write_arrays
     with atomic_output(path) as tmp:
-        write_arrays(tmp, [(name, *storage_array(value)) for name, value in entries])
+        write(tmp, [(name, *storage_array(value)) for name, value in entries])
+
+
+def verify_checkpoint(path):
+    """Raise ConvertError if the file's checksums say it is damaged."""
+    return verify_safetensors(path) if path.endswith(".safetensors") else verify_ckpt(path)
 
 
 def write_meta(checkpoint_dir, rank, meta):
@@ -87,7 +96,8 @@ def read_meta(checkpoint_dir, rank, warn=True):
     return meta
 
 
-def save_training_checkpoint(checkpoint_dir, rank, prefix, step, params, optimizer_state, state, keep_max=None):
+def save_training_checkpoint(checkpoint_dir, rank, prefix, step, params, optimizer_state, state, keep_max=None,
+                             checkpoint_format="ckpt"):
     """Write one rank's checkpoint for `step`, point meta.json at it, drop the oldest beyond keep_max.
 
     params: Parameters to save (all weights, or the trainable ones only); optimizer_state:
@@ -96,7 +106,7 @@ def save_training_checkpoint(checkpoint_dir, rank, prefix, step, params, optimiz
     entries = [(p.name, p) for p in params]
     entries += list(optimizer_state.items())
     entries += [(name, np.asarray(value)) for name, value in state.items()]
-    name = checkpoint_name(prefix, rank, step)
+    name = checkpoint_name(prefix, rank, step, checkpoint_format)
     write_checkpoint_file(entries, os.path.join(rank_dir(checkpoint_dir, rank), name))
     write_meta(checkpoint_dir, rank, {"last_step": int(step), "checkpoint": name,
                                       **{k: float(v) if isinstance(v, float) else int(v) for k, v in state.items()}})
@@ -130,7 +140,7 @@ def find_resume_step(checkpoint_dir, world_size, verify=True):
             path = checkpoint_steps(checkpoint_dir, rank)[step]
             try:
                 if verify:
-                    verify_ckpt(path)
+                    verify_checkpoint(path)
             except ConvertError as exc:
                 damaged.append(str(exc))
         if not damaged:
@@ -159,7 +169,7 @@ def load_checkpoint_arrays(path):
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: checkpoint file does not exist")
     try:
-        tensors, _ = read_ckpt(path)
+        tensors = verify_safetensors(path) if path.endswith(".safetensors") else read_ckpt(path)[0]
         return {name: ms.Tensor(stored.to_numpy()).view(ms.bfloat16) if stored.dtype == "bfloat16"
                 else stored.to_numpy() for name, stored in tensors.items()}
     except CheckpointError:
@@ -168,7 +178,7 @@ def load_checkpoint_arrays(path):
         raise CheckpointError(f"not a readable MindSpore checkpoint: {exc}") from None
 
 
-def find_weights_file(load_checkpoint, rank=0):
+def find_weights_file(load_checkpoint, rank=0, checkpoint_format=None):
     """The .ckpt to start from: the file itself, or the single .ckpt in a folder (or its rank_{r})."""
     if os.path.isfile(load_checkpoint):
         return load_checkpoint
@@ -176,10 +186,11 @@ def find_weights_file(load_checkpoint, rank=0):
         raise ConfigError(f"load_checkpoint {load_checkpoint}: no such file or folder")
     for folder in (os.path.join(load_checkpoint, f"rank_{rank}"), load_checkpoint):
         if os.path.isdir(folder):
-            ckpts = sorted(n for n in os.listdir(folder) if n.endswith(".ckpt") and not n.startswith("."))
+            suffixes = (SUFFIXES[checkpoint_format],) if checkpoint_format else tuple(SUFFIXES.values())
+            ckpts = sorted(n for n in os.listdir(folder) if n.endswith(suffixes) and not n.startswith("."))
             if len(ckpts) == 1:
                 return os.path.join(folder, ckpts[0])
             if len(ckpts) > 1:
                 raise ConfigError(f"load_checkpoint {folder}: holds {len(ckpts)} checkpoints ({', '.join(ckpts)}); "
                                   "name the file")
-    raise ConfigError(f"load_checkpoint {load_checkpoint}: no .ckpt file in it")
+    raise ConfigError(f"load_checkpoint {load_checkpoint}: no {SUFFIXES.get(checkpoint_format, '.ckpt or .safetensors')} file in it")

@@ -140,10 +140,11 @@ def train(config):
     final_path = None
     if is_main:
         prefix = checkpoint_settings.prefix if checkpoint_settings else "llama"
+        suffix = ckpt.SUFFIXES[checkpoint_settings.checkpoint_format if checkpoint_settings else "ckpt"]
         if uses_lora(model):
             from mindsft import lora
             final_path = ckpt.save_weights(save_params(model, checkpoint_settings),
-                                           os.path.join(checkpoint_dir, f"{prefix}_final_lora.ckpt"))
+                                           os.path.join(checkpoint_dir, f"{prefix}_final_lora{suffix}"))
             peft_dir = os.path.join(config.output_dir, "peft_adapter")
             lora.save_peft_adapter(model, peft_dir)
             print(f"LoRA adapters: {final_path} (PEFT format: {peft_dir}); merge into the base with "
@@ -151,7 +152,7 @@ def train(config):
                   f"--output merged.ckpt")
         else:
             final_path = ckpt.save_weights(save_params(model, checkpoint_settings),
-                                           os.path.join(checkpoint_dir, f"{prefix}_final.ckpt"))
+                                           os.path.join(checkpoint_dir, f"{prefix}_final{suffix}"))
             # The final weights carry their model, so predict and merge need no shape in the YAML.
             write_model_config(config.model_config, model_config_path(final_path))
         png = plot_loss(monitor.metrics_path)
@@ -173,7 +174,7 @@ def save_state(config, checkpoint_dir, rank, model, optimizer, state, epoch, ste
         checkpoint_dir, rank, settings.prefix, state["global_step"], list(save_params(model, settings)),
         optimizer.state(), {"global_step": state["global_step"], "loss_scale": float(state["loss_scale"]),
                             "good_steps": state["good_steps"], "epoch_num": epoch, "step_num": step_in_epoch},
-        keep_max=settings.keep_checkpoint_max)
+        keep_max=settings.keep_checkpoint_max, checkpoint_format=settings.checkpoint_format)
 
 
 def update_loss_scale(state, finite, scaling):
