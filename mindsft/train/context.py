@@ -30,7 +30,7 @@ def mindspore_context_settings(context):
     (mode and device are set on their own); None values are MindSpore's own defaults."""
     settings = {}
     for field in dataclasses.fields(context):
-        if field.name in ("mode", "device_target", "device_id"):
+        if field.name in ("mode", "device_target", "device_id", "max_call_depth"):  # set on their own
             continue
         value = getattr(context, field.name)
         if value is not None and value != field.default:
@@ -45,7 +45,7 @@ def setup_context(config):
     ms.set_device(config.context.device_target)
     # Always: MindFormers' default call depth (10000) is not MindSpore's (1000), which a 22-layer
     # model with LoRA on every projection exceeds when the step compiles.
-    ms.set_context(max_call_depth=config.context.max_call_depth)
+    ms.set_recursion_limit(config.context.max_call_depth)
     context_settings = mindspore_context_settings(config.context)
     if context_settings:
         ms.set_context(**context_settings)
