@@ -3,18 +3,29 @@ batches and packed rows; transformers + torch eager padding each batch to its lo
 with LLaMA-Factory's neat_packing (block-diagonal 4-D mask, positions restarting per sample, sdpa).
 
 The ~20M-parameter bench Llama (hidden 256, 4 layers, 8 heads, vocab 32000), fp32, seq_length
-2048, AdamW + clipping at 1.0, the same weights everywhere. The samples are the first `--samples`
-records of ../shared/data/alpaca/alpaca_en_demo.json (Llama 2 tokenizer, vicuna_v1.1 template),
-in file order (no shuffle), `--batch` rows per step. Each run is its own process, one after the
-other, so each peak RSS is its own and the runs never share the cores.
+2048, AdamW + clipping at 1.0, the same weights everywhere. The samples are every `--every`-th
+record of ../shared/data/alpaca/alpaca_en_demo.json (Llama 2 tokenizer, vicuna_v1.1 template),
+records 0, 10, 20, ..., 990 by default, then at most `--samples` of them; in file order (no
+shuffle), `--batch` rows per step. Each run is its own process, one after the other, so each peak
+RSS is its own and the runs never share the cores.
 
-Printed per run: epoch wall time (mindsft's includes compiling the step once per shape; the
-time above the shape's median step is shown as compile), learned tokens/s (same learned tokens in
-every run), padding fraction (computed positions that hold no sample token), peak RSS, and the
-ratios against run 1, run 4 and run 5.
+Why every 10th record (100 samples) and no longer the first 32: a tenth of the file taken across
+all of it has the file's lengths (mean 269 tokens against 271, median 228 against 226, longest
+836, the file's longest), where the first 32 are longer (mean 290); and it packs into 14 rows, 7
+steps, where the first 32 made 5 rows, so 3 steps: the third held one row and one empty padding
+row, and the packed run's steady step was the median of 2 steps, which on shared cores moved by
+30%. The fixed-length run stays near 3 minutes on 2 cores. All five runs read the same subset, in
+the same order. `--every 1 --samples 32` is the old subset.
 
-    python bench/sft_epoch.py                           # 32 samples, batch 2
-    python bench/sft_epoch.py --samples 999 --batch 4   # the whole file
+Printed per run: epoch wall time (including mindsft's compiling of the step once per shape),
+compile (the first step of each shape above that shape's median step), the steady step (median
+step time), learned tokens/s over wall - compile (same learned tokens in every run), padding
+fraction (computed positions that hold no sample token), peak RSS, and the ratios against run 1,
+run 4 and run 5. Packed against fixed rows is also shown on the whole wall (compiling included)
+and split into its two factors: fewer steps, and a cheaper step.
+
+    python bench/sft_epoch.py                                  # every 10th record, batch 2
+    python bench/sft_epoch.py --every 1 --samples 999 --batch 4  # the whole file
 """
 import argparse
 import os
@@ -36,8 +47,9 @@ IGNORE = -100
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=32, help="the first N alpaca records (default 32: the "
-                        "fixed-length run alone then takes minutes on 2 cores)")
+    parser.add_argument("--every", type=int, default=10, help="take every N-th alpaca record (default 10: 100 "
+                        "samples spread over the whole file; the fixed-length run then takes ~3 minutes on 2 cores)")
+    parser.add_argument("--samples", type=int, help="at most this many of those records (default: all)")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--bucket", type=int, default=128, help="pad_to_multiple_of of the bucketed run")
@@ -70,7 +82,7 @@ def prepare_data(args, folder):
         if not os.path.exists(path):
             raise SystemExit(f"{path} is absent: this benchmark needs ../shared/data")
     with open(alpaca, encoding="utf-8") as f:
-        records = json.load(f)[:args.samples]
+        records = json.load(f)[::args.every][:args.samples]
     subset = os.path.join(folder, "subset.json")
     with open(subset, "w", encoding="utf-8") as f:
         json.dump(records, f)
@@ -138,7 +150,20 @@ def run_mindsft(args, micro_batches):
         times.append(time.perf_counter() - step_start)
     wall = time.perf_counter() - started
     return {"threads": threads, "wall_s": wall, "compile_s": compile_excess(micro_batches, times),
-            "shapes": len({b["input_ids"].shape for b in micro_batches}), "first_loss": losses[0]}
+            "shapes": len({b["input_ids"].shape for b in micro_batches}), "first_loss": losses[0],
+            "step_s": steady_step(micro_batches, times)}
+
+
+def steady_step(micro_batches, times):
+    """Median step time, leaving out the first step of each shape (where compiling happens)."""
+    import numpy as np
+    seen, steady = set(), []
+    for batch, seconds in zip(micro_batches, times):
+        shape = batch["input_ids"].shape
+        if shape in seen:
+            steady.append(seconds)
+        seen.add(shape)
+    return float(np.median(steady or times))
 
 
 def compile_excess(micro_batches, times):
@@ -197,6 +222,7 @@ def run_torch(args, micro_batches, neat):
                                targets=torch.from_numpy(labels[:, 1:longest]).long()))
 
     def step(batch):
+        started = time.perf_counter()
         targets = batch.pop("targets")
         logits = model(**batch).logits[:, :-1]
         # The mean over the batch's learned tokens, as mindsft's step (and HF's loss) takes it.
@@ -206,14 +232,17 @@ def run_torch(args, micro_batches, neat):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        loss = loss.item()
+        times.append(time.perf_counter() - started)
+        return loss
 
     shapes = len({b["input_ids"].shape for b in inputs})
+    times = []
     started = time.perf_counter()
     losses = [step(batch) for batch in inputs]
     wall = time.perf_counter() - started
-    return {"threads": threads, "wall_s": wall, "compile_s": 0.0, "shapes": shapes,
-            "first_loss": losses[0], "attn_implementation": model.config._attn_implementation}
+    return {"threads": threads, "wall_s": wall, "compile_s": 0.0, "shapes": shapes, "first_loss": losses[0],
+            "step_s": float(np.median(times[1:] or times)), "attn_implementation": model.config._attn_implementation}
 
 
 def worker(args):
@@ -266,23 +295,26 @@ def main(argv=None):
                 threads = result["threads"]["runtime_num_threads"] or threads
 
     packed = stats["packed"]
-    print(f"data: the first {args.samples} records of alpaca_en_demo.json, Llama 2 tokenizer, vicuna_v1.1: "
+    subset = f"1 record in {args.every}" if args.every > 1 else "the records"
+    limit = f" (at most {args.samples})" if args.samples else ""
+    print(f"data: {subset}{limit} of alpaca_en_demo.json, Llama 2 tokenizer, vicuna_v1.1: "
           f"{packed['samples_packed']} samples, {packed['tokens']} tokens, {packed['learned_tokens']} learned; "
           f"packed into {packed['rows']} rows of {args.seq + 1} ({packed['samples_per_row']['mean']} per row, "
           f"efficiency {packed['packing_efficiency']:.1%})")
     print(f"model: bench Llama (hidden 256, 4 layers, 8 heads, vocab 32000), fp32, seq_length {args.seq}, "
           f"batch {args.batch} rows, AdamW + clip 1.0; {os.cpu_count()} CPU cores; bucketed run: "
           f"pad_to_multiple_of {args.bucket}")
-    header = f"{'run':38s}{'steps':>6s}{'shapes':>7s}{'wall s':>9s}{'compile s':>10s}{'learned tok/s':>14s}" \
-             f"{'padding':>9s}{'peak RSS MiB':>13s}{'loss 1':>9s}"
+    header = f"{'run':38s}{'steps':>6s}{'shapes':>7s}{'wall s':>9s}{'compile s':>10s}{'step s':>8s}" \
+             f"{'learned tok/s':>14s}{'padding':>9s}{'peak RSS MiB':>13s}{'loss 1':>9s}"
     print(header)
     for run in runs:
         r = results[run]
         print(f"{str(runs.index(run) + 1) + '. ' + RUNS[run]:38s}{r['steps']:>6d}{r['shapes']:>7d}{r['wall_s']:>9.1f}"
-              f"{r['compile_s']:>10.1f}{r['learned_tokens_per_s']:>14.0f}{r['padding_fraction']:>9.1%}"
+              f"{r['compile_s']:>10.1f}{r['step_s']:>8.2f}{r['learned_tokens_per_s']:>14.0f}{r['padding_fraction']:>9.1%}"
               f"{r['peak_rss_mib']:>13.0f}{r['first_loss']:>9.4f}")
     print("learned tok/s: learned tokens / (wall - compile); compile: the first step of each shape above that "
-          "shape's median step (mindsft compiles its step once per shape). loss 1: the first step's loss (runs 1, 2 "
+          "shape's median step (mindsft compiles its step once per shape); step s: the median step, first step of "
+          "each shape left out. loss 1: the first step's loss (runs 1, 2 "
           "and 4 see the same first batch, 3 and 5 the same first packed rows; later steps differ: mindsft's AdamW "
           "is MindFormers', without bias correction)")
     learned = {results[r]["learned_tokens"] for r in runs}
@@ -292,6 +324,12 @@ def main(argv=None):
             speedup = ratio(results[a]["learned_tokens_per_s"], results[b]["learned_tokens_per_s"])
             print(f"{RUNS[a]} / {RUNS[b]}: {speedup:.2f}x learned tokens/s (goal >= {goal}x: "
                   f"{'met' if speedup >= goal else 'NOT met'})")
+    if "packed" in results and "fixed" in results:
+        fixed, packed = results["fixed"], results["packed"]
+        print(f"{RUNS['packed']} / {RUNS['fixed']}, in parts: {fixed['steps']}/{packed['steps']} = "
+              f"{ratio(fixed['steps'], packed['steps']):.2f}x fewer steps x {ratio(fixed['step_s'], packed['step_s']):.2f}x "
+              f"cheaper steady step = {ratio(fixed['steps'] * fixed['step_s'], packed['steps'] * packed['step_s']):.2f}x "
+              f"on steady steps; {ratio(fixed['wall_s'], packed['wall_s']):.2f}x on the epoch wall, compiling included")
     if "bucketed" in results and "fixed" in results:
         print(f"{RUNS['bucketed']} / {RUNS['fixed']}: "
               f"{ratio(results['bucketed']['learned_tokens_per_s'], results['fixed']['learned_tokens_per_s']):.2f}x")
