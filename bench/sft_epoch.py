@@ -24,7 +24,8 @@ fraction (computed positions that hold no sample token), peak RSS, and the ratio
 run 4 and run 5. Packed against fixed rows is also shown on the whole wall (compiling included)
 and split into its two factors: fewer steps, and a cheaper step.
 
-    python bench/sft_epoch.py                                  # every 10th record, batch 2
+    python bench/sft_epoch.py                                  # every 10th record, batch 2 (~7 min)
+    python bench/sft_epoch.py --runs fixed,packed              # the 8x goal alone (~4 min)
     python bench/sft_epoch.py --every 1 --samples 999 --batch 4  # the whole file
 """
 import argparse
