@@ -112,7 +112,7 @@ def run_variant(args):
     import numpy as np
     import mindspore as ms
     from mindsft.lora import LoraConfig, apply_lora
-    from mindsft.models.llama import LlamaConfig
+    from mindsft.models.families import model_config_from_hf
     from mindsft.models.qlora import Quantization, build_quantized_llama
     from mindsft.train.step import AdamWUpdate, TrainStep
 
@@ -121,7 +121,7 @@ def run_variant(args):
     ms.set_device("CPU")
     ms.set_seed(0)
     with open(Path(args.model_dir) / "config.json") as f:
-        config = LlamaConfig.from_hf(json.load(f))
+        config = model_config_from_hf(json.load(f))
     config.seq_length = args.seq
     baseline = peak_rss_mib()
     started = time.perf_counter()
