@@ -280,6 +280,31 @@ def double_quantize(absmax, offset=None):
     return codes, offset, nested_absmax
 
 
+def double_quantize_stacked(parts):
+    """4-bit parts of one stacked weight (Baichuan's W_pack: q, k and v stacked), each quantized
+    alone without double quantization and a whole number of 64-blocks long, as bitsandbytes
+    double-quantizes the stacked weight: its 64-blocks are the parts' own, but the offset is the
+    mean of all their absmax and the 256-blocks of the absmax run on across the parts. A part
+    whose absmax share a 256-block with another part's keeps them as the float32 values they
+    dequantize to (4 bytes a block instead of 1), so its weight still dequantizes exactly."""
+    absmax = np.concatenate([part.absmax for part in parts])
+    codes, offset, nested_absmax = double_quantize(absmax)
+    out, start = [], 0
+    for part in parts:
+        if part.double_quant or int(np.prod(part.shape)) % part.blocksize:
+            raise ValueError("each part must be a whole number of blocks, quantized without double quantization")
+        stop = start + part.absmax.size
+        if start % NESTED_BLOCK_SIZE == 0 and (stop % NESTED_BLOCK_SIZE == 0 or stop == absmax.size):
+            nested = nested_absmax[start // NESTED_BLOCK_SIZE:-(-stop // NESTED_BLOCK_SIZE)]
+            out.append(dataclasses.replace(part, absmax=codes[start:stop], offset=offset, nested_absmax=nested))
+        else:
+            scales = (DYNAMIC_CODE[codes[start:stop]] * np.repeat(nested_absmax, NESTED_BLOCK_SIZE)[start:stop]
+                      + offset).astype(np.float32)
+            out.append(dataclasses.replace(part, absmax=scales))
+        start = stop
+    return out
+
+
 def dequantize_4bit(quantized):
     """bitsandbytes' `dequantize_4bit`: code value · block absmax, in float32, in the weight's shape."""
     q = quantized
