@@ -1,5 +1,5 @@
 """QLoRA on every family of the registry: logits and adapter gradients equal transformers + PEFT on
-a bitsandbytes base. Qwen2's q/k/v biases stay unquantized beside their quantized weights (as
+a bitsandbytes base (Llama 2's are in test_qlora.py; Llama 3 adds its rope scaling). Qwen2's q/k/v biases stay unquantized beside their quantized weights (as
 bitsandbytes' Linear4bit and Linear8bitLt keep a bias), Qwen3 adds its q/k norms, Mistral its
 sliding window (shorter than the batch), Baichuan2 its fused W_pack and NormHead.
 
@@ -47,7 +47,7 @@ QUANTIZATIONS = {
     "int8": (Quantization(8), dict(load_in_8bit=True)),
 }
 SIZES = dict(hidden_size=64, intermediate_size=128)
-CASES = [("qwen2", "nf4_double_quant", SIZES), ("qwen2", "int8", SIZES), ("qwen3", "nf4_double_quant", SIZES),
+CASES = [("llama3", "nf4_double_quant", SIZES), ("qwen2", "nf4_double_quant", SIZES), ("qwen2", "int8", SIZES), ("qwen3", "nf4_double_quant", SIZES),
          ("qwen3", "int8", SIZES), ("mistral_window_7", "nf4_double_quant", SIZES), ("mistral_window_7", "int8", SIZES),
          ("baichuan2", "nf4_double_quant", dict(SIZES, hidden_size=128)),
          ("baichuan2", "nf4_double_quant", SIZES), ("baichuan2", "int8", SIZES)]
