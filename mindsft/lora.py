@@ -112,7 +112,7 @@ def packs_of(model):
     found = {}
     for full_name, cell in model.cells_and_names():
         for pack, members in packs.items():
-            if all(isinstance(getattr(cell, m, None), (Linear, LoraLinear)) for m in members):
+            if all(isinstance(getattr(cell, m, None), (Linear, QuantizedLinear, LoraLinear)) for m in members):
                 prefix = full_name + "." if full_name else ""
                 found[prefix + pack] = tuple(prefix + m for m in members)
     return found

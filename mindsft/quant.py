@@ -69,12 +69,67 @@ DYNAMIC_CODE = dynamic_code()
 # ---- 8-bit blockwise (the double-quantized absmax) ----------------------------------------------
 
 def _block_absmax(flat, blocksize):
-    """Per-block max |x| of a 1-D float32 array; the last block may be short."""
+    """Per-block max |x| of a 1-D float32 array; the last block may be short.
+
+    Taken on the bit patterns (for non-negative floats their order is the integers' order): a
+    CPU treating denormals as zero (see `_exact_float64`) would otherwise return any of a block of
+    denormals, or 0."""
+    magnitude = flat.view(np.uint32) & np.uint32(0x7FFFFFFF)
     full = flat.size - flat.size % blocksize
-    absmax = np.abs(flat[:full]).reshape(-1, blocksize).max(axis=1) if full else np.empty(0, np.float32)
+    absmax = magnitude[:full].reshape(-1, blocksize).max(axis=1) if full else np.empty(0, np.uint32)
     if full < flat.size:
-        absmax = np.concatenate([absmax, [np.abs(flat[full:]).max()]])
-    return absmax.astype(np.float32)
+        absmax = np.concatenate([absmax, [magnitude[full:].max()]])
+    return absmax.astype(np.uint32).view(np.float32)
+
+
+# bitsandbytes clamps a 4-bit block's absmax to at least 1e-38 before dividing by it (so a block of
+# zeros codes 0 and a block of denormals is scaled by 1e38), and stores the clamped value for a
+# short last block. 1e-38 is itself a float32 denormal.
+_ABSMAX_FLOOR = np.float32(1e-38)
+_DENORMAL_EXPONENT = np.uint32(0x7F800000)
+
+
+def _exact_float64(values):
+    """float32 -> float64 without loss, denormals included.
+
+    Loading mindsft's fused CPU kernels (built with -ffast-math) switches the CPU to flush-to-zero
+    and denormals-are-zero for the process: float32 denormals then read as 0 in any arithmetic,
+    and 1 / 1e-38 divides by zero. Decoded from their bits, in float64 (where they are normal
+    numbers), the values are what bitsandbytes computes with on a CPU in its default mode; a
+    float32 product or quotient computed in float64 and rounded once equals the float32 one.
+    """
+    values = np.asarray(values, np.float32)
+    out = values.astype(np.float64)
+    bits = values.view(np.uint32)
+    denormal = ((bits & _DENORMAL_EXPONENT) == 0) & ((bits & np.uint32(0x007FFFFF)) != 0)
+    if denormal.any():
+        mantissa = np.ldexp((bits[denormal] & np.uint32(0x007FFFFF)).astype(np.float64), -149)
+        out[denormal] = np.where(bits[denormal] >> np.uint32(31), -mantissa, mantissa)
+    return out
+
+
+def _at_least_floor(absmax):
+    """max(absmax, 1e-38) compared on the bits (denormals are not zero here)."""
+    floor_bits = _ABSMAX_FLOOR.view(np.uint32)
+    return np.where(absmax.view(np.uint32) < floor_bits, _ABSMAX_FLOOR, absmax).astype(np.float32)
+
+
+def _has_denormals(values):
+    bits = values.view(np.uint32) & np.uint32(0x7FFFFFFF)
+    return bool(((bits != 0) & (bits < np.uint32(0x00800000))).any())
+
+
+def _scaled_to_float32(scaled, values):
+    """Scaled values in [-1, 1] (float64 or float32) as float32, keeping the sign of a nonzero value
+    whose float32 is a denormal: flush-to-zero would make it 0, and FP4's code tells +0 from a tiny
+    positive value (no other code boundary lies anywhere near a denormal, so the smallest normal
+    of the same sign takes the same code). `values`: the unscaled float32 values."""
+    rounded = scaled.astype(np.float32, copy=False)
+    lost = (rounded.view(np.uint32) & np.uint32(0x7FFFFFFF)) < np.uint32(0x00800000)
+    if lost.any():
+        lost &= (values.view(np.uint32) & np.uint32(0x7FFFFFFF)) != 0
+        rounded[lost] = np.copysign(np.finfo(np.float32).tiny, values[lost])
+    return rounded
 
 
 _LUT_SIZE = 65536
@@ -179,20 +234,28 @@ def quantize_4bit(weight, quant_type="nf4", double_quant=False, blocksize=BLOCK_
     n = flat.size
     full = n - n % blocksize
     absmax = _block_absmax(flat, blocksize)
-    tiny = np.float32(1e-38)
     packed = np.empty((n + 1) // 2, np.uint8)
     chunk = max(blocksize, _CHUNK_VALUES - _CHUNK_VALUES % blocksize)
     for start in range(0, full, chunk):
         stop = min(start + chunk, full)
-        # As bitsandbytes: full blocks are multiplied by 1/absmax, a short last block divided by it.
-        inverse = (np.float32(1.0) / np.maximum(absmax[start // blocksize:stop // blocksize], tiny)).astype(np.float32)
-        scaled = np.clip(flat[start:stop].reshape(-1, blocksize) * inverse[:, None], -1, 1).reshape(-1)
-        codes = _codes_4bit(scaled, quant_type)
+        # As bitsandbytes: full blocks are multiplied by the float32 1/absmax, a short last block
+        # divided by its absmax (float64 here, rounded once: see _exact_float64).
+        values = flat[start:stop].reshape(-1, blocksize)
+        block_absmax = _at_least_floor(absmax[start // blocksize:stop // blocksize])
+        if _has_denormals(block_absmax) or _has_denormals(values):
+            inverse = (1.0 / _exact_float64(block_absmax)).astype(np.float32).astype(np.float64)
+            scaled = _exact_float64(values) * inverse[:, None]
+        else:
+            # Normal numbers only: float32 is exact IEEE arithmetic here but for results below the
+            # normal range, which _scaled_to_float32 mends (it takes float32 as it is).
+            scaled = values * (np.float32(1.0) / block_absmax)[:, None]
+        codes = _codes_4bit(_scaled_to_float32(np.clip(scaled, -1, 1).reshape(-1), values.reshape(-1)), quant_type)
         packed[start // 2:stop // 2] = (codes[0::2] << 4) | codes[1::2]
     if full < n:
-        scaled = np.zeros(n - full + (n - full) % 2, np.float32)
-        scaled[:n - full] = np.clip(flat[full:] / np.maximum(absmax[-1], tiny), -1, 1)
-        codes = _codes_4bit(scaled, quant_type)
+        absmax[-1] = _at_least_floor(absmax[-1:])[0]
+        scaled = np.zeros(n - full + (n - full) % 2, np.float64)
+        scaled[:n - full] = np.clip(_exact_float64(flat[full:]) / _exact_float64(absmax[-1:])[0], -1, 1)
+        codes = _codes_4bit(_scaled_to_float32(scaled, np.pad(flat[full:], (0, (n - full) % 2))), quant_type)
         packed[full // 2:] = (codes[0::2] << 4) | codes[1::2]
     result = Quantized4bit(packed=packed, absmax=absmax, shape=tuple(weight.shape), quant_type=quant_type,
                            blocksize=blocksize)
@@ -215,6 +278,31 @@ def double_quantize(absmax, offset=None):
     offset = np.float32(offset)
     codes, nested_absmax = quantize_blockwise((absmax - offset).astype(np.float32), NESTED_BLOCK_SIZE)
     return codes, offset, nested_absmax
+
+
+def double_quantize_stacked(parts):
+    """4-bit parts of one stacked weight (Baichuan's W_pack: q, k and v stacked), each quantized
+    alone without double quantization and a whole number of 64-blocks long, as bitsandbytes
+    double-quantizes the stacked weight: its 64-blocks are the parts' own, but the offset is the
+    mean of all their absmax and the 256-blocks of the absmax run on across the parts. A part
+    whose absmax share a 256-block with another part's keeps them as the float32 values they
+    dequantize to (4 bytes a block instead of 1), so its weight still dequantizes exactly."""
+    absmax = np.concatenate([part.absmax for part in parts])
+    codes, offset, nested_absmax = double_quantize(absmax)
+    out, start = [], 0
+    for part in parts:
+        if part.double_quant or int(np.prod(part.shape)) % part.blocksize:
+            raise ValueError("each part must be a whole number of blocks, quantized without double quantization")
+        stop = start + part.absmax.size
+        if start % NESTED_BLOCK_SIZE == 0 and (stop % NESTED_BLOCK_SIZE == 0 or stop == absmax.size):
+            nested = nested_absmax[start // NESTED_BLOCK_SIZE:-(-stop // NESTED_BLOCK_SIZE)]
+            out.append(dataclasses.replace(part, absmax=codes[start:stop], offset=offset, nested_absmax=nested))
+        else:
+            scales = (DYNAMIC_CODE[codes[start:stop]] * np.repeat(nested_absmax, NESTED_BLOCK_SIZE)[start:stop]
+                      + offset).astype(np.float32)
+            out.append(dataclasses.replace(part, absmax=scales))
+        start = stop
+    return out
 
 
 def dequantize_4bit(quantized):

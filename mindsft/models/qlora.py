@@ -75,6 +75,9 @@ def build_quantized_llama(llama_config, weights_path, quantization):
     from mindsft.models.llama import DTYPES, Linear, LlamaForCausalLM
     from mindsft.models.quant_linear import quantized_linear
 
+    from mindsft import quant
+    from mindsft.models.quant_linear import Linear4bit
+
     tensors, _, _ = open_base_weights(weights_path)
     with no_init_parameters():
         model = LlamaForCausalLM(llama_config)
@@ -85,19 +88,42 @@ def build_quantized_llama(llama_config, weights_path, quantization):
     param_dtype = DTYPES[llama_config.param_init_type]
     compute_dtype = DTYPES[llama_config.compute_dtype]
     itemsize = 4 if param_dtype == ms.float32 else 2
-    linear_cells = {f"{name}.weight": name for name, cell in model.cells_and_names()
+    linear_cells = {f"{name}.weight": (name, cell) for name, cell in model.cells_and_names()
                     if isinstance(cell, Linear) and name.split(".")[-1] not in KEPT_IN_FULL_PRECISION}
+    stacked = _stacked_parts(model) if quantization.bits == 4 else {}
+    waiting = {}
     before = after = linear_before = linear_after = 0
+
+    def put(name, cell):
+        nonlocal after, linear_after
+        cell_name, linear = linear_cells[name]
+        if linear.has_bias:
+            cell.keep_bias(linear.bias)   # the Parameter itself: its values are read in turn below
+        _put_cell(model, cell_name, cell)
+        linear_after += cell.quantized_bytes()
+        after += cell.quantized_bytes()
+
     for name, param in params.items():
         values = _read_float32(tensors[name])
         before += values.size * itemsize
-        if name in linear_cells:
-            cell = quantized_linear(values, quantization.bits, quantization.quant_type, quantization.double_quant,
-                                    compute_dtype)
-            _put_cell(model, linear_cells[name], cell)
+        if name in stacked:
             linear_before += values.size * itemsize
-            linear_after += cell.quantized_bytes()
-            after += cell.quantized_bytes()
+            if values.size % quant.BLOCK_SIZE:
+                raise ConvertError(f"{weights_path}: {name} {values.shape} is one part of a stacked tensor and "
+                                   f"not a whole number of {quant.BLOCK_SIZE}-value blocks: bitsandbytes' blocks "
+                                   "of the stacked tensor would straddle two parts")
+            group = stacked[name]
+            waiting[name] = quant.quantize_4bit(values, quantization.quant_type, double_quant=False)
+            if all(part in waiting for part in group):
+                parts = [waiting.pop(part) for part in group]
+                if quantization.double_quant:
+                    parts = quant.double_quantize_stacked(parts)
+                for part_name, part in zip(group, parts):
+                    put(part_name, Linear4bit(part, compute_dtype))
+        elif name in linear_cells:
+            put(name, quantized_linear(values, quantization.bits, quantization.quant_type, quantization.double_quant,
+                                       compute_dtype))
+            linear_before += values.size * itemsize
         else:
             param.set_data(Tensor(values).astype(param_dtype))
             after += values.size * itemsize
@@ -111,11 +137,22 @@ def build_quantized_llama(llama_config, weights_path, quantization):
     return model, report
 
 
+def _stacked_parts(model):
+    """{weight name: the weight names of its stacked tensor, in order} for the parts of a tensor the
+    family's files hold stacked (Baichuan's W_pack = wq, wk, wv). bitsandbytes quantizes the
+    stacked tensor: its 64-blocks run along the flattened [q; k; v], so each part's blocks are
+    its own (when it is a whole number of blocks), but double quantization's offset and 256-blocks
+    span the parts: the parts are double-quantized together (quant.double_quantize_stacked)."""
+    from mindsft.lora import packs_of
+    stacked = {}
+    for members in packs_of(model).values():
+        names = tuple(f"{member}.weight" for member in members)
+        stacked.update({name: names for name in names})
+    return stacked
+
+
 def build_quantized_base(config):
     """The run's quantized base model (`quantization_bit` set), its weights already loaded."""
-    if config.model_config.qkv_has_bias:
-        raise ConfigError("quantization_bit: a model with q/k/v biases (Qwen2) cannot have a quantized base yet "
-                          "(the quantized linear cells hold no bias); train LoRA on the full-precision base")
     quantization = Quantization(config.quantization_bit, config.quantization_type, config.double_quantization)
     model, report = build_quantized_llama(config.model_config, base_weights_path(config), quantization)
     print(report)

@@ -32,11 +32,19 @@ class QuantizedLinear(nn.Cell):
         self.compute_dtype = compute_dtype
         self.matmul = ops.MatMul(transpose_b=True)
         self.matmul_plain = ops.MatMul()
+        self.has_bias = False
+
+    def keep_bias(self, bias):
+        """Add `bias` (a frozen Parameter) to the product: bitsandbytes keeps a bias unquantized."""
+        self.bias = bias
+        self.has_bias = True
 
     def construct(self, x):
         out_shape = x.shape[:-1] + (self.out_features,)
         flat = ops.reshape(x.astype(self.compute_dtype), (-1, self.in_features))
         y = self.matmul(flat, self.dequantize(flat).astype(self.compute_dtype))
+        if self.has_bias:
+            y = y + self.bias.astype(self.compute_dtype)
         return ops.reshape(y, out_shape)
 
     def bprop(self, x, out, dout):
