@@ -1,5 +1,6 @@
 """The fused CPU kernels (causal attention, cross-entropy) compute what MindSpore's own ops compute,
 forward and backward; without a compiler the model falls back to those ops."""
+import os
 import numpy as np
 import pytest
 import mindspore as ms
@@ -144,3 +145,20 @@ def test_the_fused_adamw_step_equals_the_op_by_op_update(monkeypatch):
     assert plain.fused is None
     for got, expected in zip(fused_values, plain_values):
         assert np.abs(got - expected).max() <= 1e-6 * max(1e-3, np.abs(expected).max())
+
+
+def test_loading_the_kernels_leaves_the_process_float_mode_alone(tmp_path):
+    """A library linked with -ffast-math (gcc < 13) switches the whole process to flush-to-zero when
+    it loads, silently changing every later numpy/torch result that meets a denormal."""
+    import subprocess
+    import sys
+    script = ("import ctypes, numpy as np\n"
+              "from mindsft.models.cpu_kernels import library_path\n"
+              "path, why = library_path()\n"
+              "assert path, why\n"
+              "ctypes.CDLL(path)\n"
+              "print(float((np.array([1e-39], np.float32) * np.float32(1.0))[0]))\n")
+    env = dict(os.environ, MINDSFT_KERNEL_CACHE=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) > 0.0

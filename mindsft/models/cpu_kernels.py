@@ -34,7 +34,11 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c
 HEAD_DIMS = (32, 64, 128)
 # -ffast-math lets exp vectorize: without it the cross-entropy measured slower than MindSpore's
 # log_softmax + gather (0.29 s against 0.25 s), and the training step lost all its gain.
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-std=c++17", "-fPIC", "-pthread"]
+# Linked in a second step without -ffast-math: gcc before 13 links crtfastmath.o into a library
+# linked with it, whose constructor turns on flush-to-zero for the whole process the moment the
+# library loads, so every later numpy/torch result with a denormal would silently change.
+LINK_FLAGS = ["-shared", "-fPIC", "-pthread"]
 
 logger = logging.getLogger(__name__)
 _OPS = {}
@@ -57,7 +61,7 @@ def library_path():
     if compiler is None:
         return None, "no C++ compiler (g++) on PATH"
     with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
+        key = hashlib.sha256(f.read() + " ".join(FLAGS + LINK_FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
     folder = os.environ.get("MINDSFT_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mindsft",
                                                                      "kernels"))
     path = os.path.join(folder, f"cpu_kernels-{key}.so")
@@ -67,14 +71,17 @@ def library_path():
     # Built under a temporary name and renamed: msrun workers may build at the same time.
     fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=folder)
     os.close(fd)
+    obj = tmp[:-len(".so")] + ".o"
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", tmp, SOURCE], capture_output=True, text=True)
-        if done.returncode:
-            return None, f"{compiler} failed: {done.stderr.strip()[-500:]}"
+        for command in ([compiler, *FLAGS, "-c", "-o", obj, SOURCE], [compiler, *LINK_FLAGS, "-o", tmp, obj]):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                return None, f"{compiler} failed: {done.stderr.strip()[-500:]}"
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, obj):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return path, None
 
 
