@@ -537,6 +537,38 @@ def encode_segment_batch(tokenizer, segments_list):
             for (ids, begins, ends), (_, spans) in zip(encoded, texts_and_spans)]
 
 
+def encode_segment_chunk(tokenizer, segments_list):
+    """`encode_segment_batch` of a chunk as three flat arrays: ids (int32) and learned flags (bool)
+    of the conversations one after another, and each one's token count (int64). A byte-level
+    tokenizer.json encodes the chunk as one stream of spans, with no arrays per conversation."""
+    if tokenizer.parses_special_text:
+        texts_and_spans = [_one_text(tokenizer, segments) for segments in segments_list]
+        ids, begins, ends, lengths, starts = tokenizer.encode_spans_flat([text for text, _ in texts_and_spans])
+        spans = [(start + begin, start + end)
+                 for start, (_, text_spans) in zip(starts.tolist(), texts_and_spans) for begin, end in text_spans]
+        return ids.astype(np.int32), _stream_overlap_mask(begins, ends, spans), lengths
+    pairs = encode_segment_batch(tokenizer, segments_list)
+    lengths = np.fromiter((len(ids) for ids, _ in pairs), np.int64, len(pairs))
+    if not pairs:
+        return np.zeros(0, np.int32), np.zeros(0, bool), lengths
+    return (np.concatenate([ids for ids, _ in pairs]).astype(np.int32),
+            np.concatenate([learned for _, learned in pairs]).astype(bool), lengths)
+
+
+def _stream_overlap_mask(begins, ends, spans):
+    """`overlap_mask` of many spans at once (a chunk's): each span marks the slice of tokens it
+    overlaps through +1/-1 at its edges, without a Python step per span."""
+    edges = np.zeros(len(begins) + 1, np.int64)
+    if spans:
+        bounds = np.asarray(spans, np.int64).reshape(-1, 2)
+        first = np.searchsorted(ends, bounds[:, 0], side="right")
+        stop = np.searchsorted(begins, bounds[:, 1], side="left")
+        hit = first < stop
+        np.add.at(edges, first[hit], 1)
+        np.add.at(edges, stop[hit], -1)
+    return np.cumsum(edges[:-1]) > 0
+
+
 def _encode_as_one_text(tokenizer, segments):
     text, spans = _one_text(tokenizer, segments)
     ids, begins, ends = tokenizer.encode_spans(text)

@@ -35,7 +35,8 @@ def test_converts_sample_records_in_order_with_string_ids(tmp_path):
 def test_braces_survive_and_jsonl_input_is_read(tmp_path):
     source = tmp_path / "a.jsonl"
     rows = [{"instruction": "Fill {name} in: {0}", "input": "{\"k\": 1}", "output": "é {done}"},
-            {"instruction": "Say hi", "output": "hi"}]
+            {"instruction": "Say hi", "output": "hi"},
+            {"instruction": "Tab\there, quote \" and \\ back", "input": "\u0001 😀", "output": "\n"}]
     source.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
     out = tmp_path / "conv.json"
     convert_alpaca(source, out)
@@ -45,6 +46,9 @@ def test_braces_survive_and_jsonl_input_is_read(tmp_path):
     assert converted[0]["conversations"][1]["value"] == "é {done}"
     assert converted[1]["conversations"][0]["value"] == stanford_prompt(rows[1])
     assert "é" in out.read_text(encoding="utf-8")
+    # byte for byte what json's own indenting encoder writes, escapes included
+    assert out.read_text(encoding="utf-8") == \
+        json.dumps(converted, ensure_ascii=False, indent=2)
 
 
 @pytest.mark.parametrize("content, message", [

@@ -103,6 +103,23 @@ def test_a_normalizing_tokenizer_takes_its_spans_from_offsets(tmp_path):
     assert ends[-1] == len(decomposed.encode("utf-8")) and (begins[1:] == ends[:-1]).all()
 
 
+@pytest.mark.parametrize("nfc", [False, True])
+def test_a_chunk_encoded_as_one_stream_gives_each_texts_spans_from_its_start(tmp_path, nfc):
+    """encode_spans_flat (preprocessing's chunks) equals encode_spans text by text, shifted by where
+    each text starts; a normalizing tokenizer takes the per-text path."""
+    ours = load_tokenizer(write_bpe_tokenizer(tmp_path / "bpe", nfc=nfc))
+    texts = training_texts()[:5] + ["", "<|eot_id|>é<|im_end|>", "cafe\u0301 x"]
+    ids, begins, ends, lengths, starts = ours.encode_spans_flat(texts)
+    assert lengths.tolist() == [len(ours.encode(t)) for t in texts]
+    assert starts.tolist() == np.cumsum([0] + [len(t.encode("utf-8")) for t in texts[:-1]]).tolist()
+    at = np.concatenate(([0], np.cumsum(lengths)))
+    for k, text in enumerate(texts):
+        text_ids, text_begins, text_ends = ours.encode_spans(text)
+        assert ids[at[k]:at[k + 1]].tolist() == text_ids.tolist()
+        assert (begins[at[k]:at[k + 1]] - starts[k]).tolist() == text_begins.tolist()
+        assert (ends[at[k]:at[k + 1]] - starts[k]).tolist() == text_ends.tolist()
+
+
 def test_decode_inverts_encode(bpe_dir):
     ours = load_tokenizer(bpe_dir)
     for text in EXTRA_TEXTS:

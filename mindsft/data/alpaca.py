@@ -1,6 +1,6 @@
 """Stanford Alpaca records to the conversation JSON that llama_preprocess reads (MindFormers'
 alpaca_converter format: `{"id": "1", "conversations": [human prompt, gpt output]}`)."""
-import json
+from json.encoder import encode_basestring
 
 from mindsft.data.conversations import read_json_records
 from mindsft.errors import DataError
@@ -37,5 +37,25 @@ def convert_alpaca(data_path, output_path):
             raise DataError(f"{data_path}: record {index}: {err}") from None
     with atomic_output(output_path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(converted, f, ensure_ascii=False, indent=2)
+            f.writelines(conversations_json(converted))
     return len(converted)
+
+
+# One converted record as `json.dumps(records, ensure_ascii=False, indent=2)` lays it out.
+_RECORD_LAYOUT = ('  {{\n    "id": {},\n    "conversations": [\n      {{\n        "from": "human",\n'
+                  '        "value": {}\n      }},\n      {{\n        "from": "gpt",\n        "value": {}\n'
+                  '      }}\n    ]\n  }}')
+
+
+def conversations_json(converted):
+    """The pieces of the text `json.dump(converted, ensure_ascii=False, indent=2)` writes, from the
+    fixed layout of converted records: json's indenting encoder is pure Python and took ~1.5 s of
+    a 21k-record conversion, its C string encoder takes ~0.1 s."""
+    if not converted:
+        yield "[]"
+        return
+    for position, c in enumerate(converted):
+        yield ",\n" if position else "[\n"
+        yield _RECORD_LAYOUT.format(encode_basestring(c["id"]), encode_basestring(c["conversations"][0]["value"]),
+                                    encode_basestring(c["conversations"][1]["value"]))
+    yield "\n]"

@@ -21,6 +21,29 @@ class EmptyOutputError(DataError):
     """No record reached the writer, so no shard was written."""
 
 
+class RowBlock:
+    """Records of equal length given together, {column: int32 array [records, length]}: the writer
+    turns a block into row blobs in a few numpy calls instead of a few per record."""
+
+    def __init__(self, columns):
+        self.columns = columns
+
+    def __len__(self):
+        return len(next(iter(self.columns.values())))
+
+    def blobs(self, fields):
+        """Each row's blob (`_blob`'s layout), from one array holding the whole block."""
+        parts = []
+        for field in fields:
+            data = np.ascontiguousarray(self.columns[field], dtype=np.int32).view(np.uint8)
+            if len(fields) > 1:
+                size = np.frombuffer(data.shape[1].to_bytes(8, "big"), np.uint8)
+                parts.append(np.broadcast_to(size, (len(data), 8)))
+            parts.append(data)
+        rows = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        return [row.tobytes() for row in rows]
+
+
 def shard_names(output_file, partitions):
     """The data files FileWriter makes: `<output_file>` alone, or `<output_file>0..N-1`."""
     output_file = os.fspath(output_file)
@@ -34,7 +57,8 @@ def _existing_outputs(output_file):
 
 
 def write_mindrecord(records_iter, output_file, dataset_type, partitions=1, packed=False):
-    """Write records ({column: int sequence}) to MindRecord shards; returns (shard paths, count)."""
+    """Write records ({column: int sequence}, or `RowBlock`s of them) to MindRecord shards; returns
+    (shard paths, count)."""
     from mindspore.mindrecord import FileWriter
     if partitions < 1:
         raise DataError(f"file_partition must be at least 1, got {partitions}")
@@ -55,14 +79,20 @@ def write_mindrecord(records_iter, output_file, dataset_type, partitions=1, pack
         blob_fields = list(writer._header.blob_fields)
         batch = []
         for record in records_iter:
-            missing = [c for c in columns if c not in record]
+            block = record.columns if isinstance(record, RowBlock) else record
+            missing = [c for c in columns if c not in block]
             if missing:
                 raise DataError(f"record {count} has no column {missing[0]!r} (needed for {dataset_type})")
-            batch.append(_blob(record, blob_fields))
-            count += 1
-            if len(batch) == WRITE_BATCH:
-                write_blobs(batch)
-                batch = []
+            if isinstance(record, RowBlock):
+                batch.extend(record.blobs(blob_fields))
+                count += len(record)
+            else:
+                batch.append(_blob(record, blob_fields))
+                count += 1
+            # Calls of WRITE_BATCH rows exactly, whatever the blocks: the same calls, the same file.
+            while len(batch) >= WRITE_BATCH:
+                write_blobs(batch[:WRITE_BATCH])
+                batch = batch[WRITE_BATCH:]
         if batch:
             write_blobs(batch)
         if count == 0:

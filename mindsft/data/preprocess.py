@@ -31,13 +31,13 @@ from tqdm import tqdm
 
 from mindsft.data import mixing, split
 from mindsft.data.conversations import normalize_record, record_tools
-from mindsft.data.mindrecord import EmptyOutputError, shard_names, write_mindrecord
+from mindsft.data.mindrecord import EmptyOutputError, RowBlock, shard_names, write_mindrecord
 from mindsft.data.mixing import input_files
 from mindsft.data.packing import pack_samples
 from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, record_length
 from mindsft.errors import ConfigError, DataError, MindsftError
 from mindsft.files import atomic_output, check_output_path
-from mindsft.templates import check_template_tokens, encode_segment_arrays, encode_segment_batch, get_template
+from mindsft.templates import check_template_tokens, encode_segment_arrays, encode_segment_chunk, get_template
 from mindsft.tokenizer import load_tokenizer, tokenizer_file
 
 CHUNK_RECORDS = 256  # records per worker task: 64 measured ~10% slower with 2 workers (pickling, IPC)
@@ -120,6 +120,43 @@ def cut_conversation(ids, learned, seq_length, drop_overlong=False):
     return ids, np.where(learned, ids, IGNORE_INDEX).astype(np.int32), outcome
 
 
+def cut_conversations(ids, learned, lengths, seq_length, drop_overlong=False):
+    """`cut_conversation` of a chunk's conversations given as flat arrays (ids, learned flags, token
+    counts): (input_ids, labels, lengths) of the kept ones, flat and unpadded, and each
+    conversation's outcome, with no Python step per token."""
+    length = record_length(seq_length)
+    overlong = lengths > length
+    kept_lengths = np.minimum(lengths, length)
+    if drop_overlong:
+        kept_lengths[overlong] = 0
+    conversation = np.repeat(np.arange(len(lengths)), lengths)
+    position = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    inside = position < kept_lengths[conversation]
+    learned_counts = np.bincount(conversation[inside & learned], minlength=len(lengths))
+    # A dropped overlong conversation keeps no token, so it has no learned token either.
+    kept = learned_counts > 0
+    outcomes = np.where(overlong, "truncated", "written").astype(object)
+    outcomes[~kept] = "dropped_overlong" if drop_overlong else "dropped_no_learned_token"
+    if drop_overlong:
+        outcomes[~kept & ~overlong] = "dropped_no_learned_token"
+    inside &= kept[conversation]
+    kept_ids = ids[inside].astype(np.int32)
+    labels = np.where(learned[inside], kept_ids, IGNORE_INDEX).astype(np.int32)
+    return kept_ids, labels, kept_lengths[kept], outcomes.tolist()
+
+
+def pad_rows(ids, labels, lengths, seq_length, pad_id):
+    """`pad_record` of many records given as flat arrays: {column: [records, seq_length + 1]}."""
+    length = record_length(seq_length)
+    inside = np.arange(length) < lengths[:, None]
+    input_ids = np.full((len(lengths), length), pad_id, dtype=np.int32)
+    padded_labels = np.full((len(lengths), length), IGNORE_INDEX, dtype=np.int32)
+    # A boolean mask fills row by row, the order the records lie in the flat arrays.
+    input_ids[inside] = ids
+    padded_labels[inside] = labels
+    return RowBlock({"input_ids": input_ids, "labels": padded_labels})
+
+
 def pad_record(ids, labels, seq_length, pad_id):
     """The MindRecord row: right-padded with `pad_id` (input_ids) and -100 (labels)."""
     length = record_length(seq_length)
@@ -159,23 +196,27 @@ def _worker_tokenizer(template_too=False):
 
 
 def _qa_task(chunk):
-    """Worker: [(file, index, raw record)] -> [(file, index, outcome, payload)] in order."""
+    """Worker: [(file, index, raw record)] -> ([(file, index, outcome, error or None)] in order,
+    (input_ids, labels, lengths) of the records kept, flat and unpadded)."""
     tokenizer, template = _worker_tokenizer(template_too=True), _WORKER["template"]
-    out, segments, laid_out = [None] * len(chunk), [], []
+    outcomes, segments, laid_out = [None] * len(chunk), [], []
     for position, (path, index, raw) in enumerate(chunk):
         try:
             segments.append(template.segments(normalize_record(raw), tools=record_tools(raw)))
         except DataError as err:
-            out[position] = (path, index, "error", str(err))
+            outcomes[position] = (path, index, "error", str(err))
             continue
         laid_out.append(position)
-    # The chunk is encoded in one call: a tokenizer.json encodes a batch ~20% faster than one by one.
-    for position, (ids, learned) in zip(laid_out, encode_segment_batch(tokenizer, segments)):
+    # The chunk is encoded in one call (a tokenizer.json encodes a batch ~20% faster than one by
+    # one) and cut as flat arrays: per-record numpy calls took ~1 s of 21k records. Unpadded
+    # arrays cross the process boundary: padding here would send ~8x the bytes.
+    ids, learned, lengths = encode_segment_chunk(tokenizer, segments)
+    ids, labels, kept_lengths, cut = cut_conversations(ids, learned, lengths, _WORKER["seq_length"],
+                                                       _WORKER["drop_overlong"])
+    for position, outcome in zip(laid_out, cut):
         path, index, _ = chunk[position]
-        # Unpadded arrays cross the process boundary: padding here would send ~8x the bytes.
-        ids, labels, outcome = cut_conversation(ids, learned, _WORKER["seq_length"], _WORKER["drop_overlong"])
-        out[position] = (path, index, outcome, (ids, labels))
-    return out
+        outcomes[position] = (path, index, outcome, None)
+    return outcomes, (ids, labels, kept_lengths)
 
 
 def _wiki_task(chunk):
@@ -281,15 +322,15 @@ def _qa_records(options, stats, pad_id, map_in_order):
     seen = 0
     samples = []  # when packing: every (ids, labels), binned once all are known
     with bar:
-        for results in map_in_order(_qa_task, _chunked(work, CHUNK_RECORDS)):
-            for path, index, outcome, payload in results:
+        for outcomes, (ids, labels, lengths) in map_in_order(_qa_task, _chunked(work, CHUNK_RECORDS)):
+            for path, index, outcome, error in outcomes:
                 first_pass = seen < len(records)
                 seen += 1
                 if outcome == "error":
                     if options.on_error == "raise":
-                        raise DataError(f"{path}: record {index}: {payload}")
+                        raise DataError(f"{path}: record {index}: {error}")
                     if first_pass:
-                        stats.note("skipped", path, index, payload)
+                        stats.note("skipped", path, index, error)
                     continue
                 if outcome.startswith("dropped"):
                     if first_pass:
@@ -297,16 +338,16 @@ def _qa_records(options, stats, pad_id, map_in_order):
                     continue
                 if outcome == "truncated" and first_pass:
                     stats.note("truncated", path, index, f"longer than {record_length(options.seq_length)} tokens")
-                ids, labels = payload
                 stats.counts["records_written"] += 1
                 stats.note_written(path)
-                stats.counts["tokens"] += len(ids)
-                stats.counts["learned_tokens"] += int(np.count_nonzero(labels != IGNORE_INDEX))
-                if options.packing:
-                    samples.append((ids, labels))
-                else:
-                    yield pad_record(ids, labels, options.seq_length, pad_id)
-            bar.update(len(results))
+            stats.counts["tokens"] += len(ids)
+            stats.counts["learned_tokens"] += int(np.count_nonzero(labels != IGNORE_INDEX))
+            if options.packing:
+                bounds = np.cumsum(lengths)[:-1]
+                samples.extend(zip(np.split(ids, bounds), np.split(labels, bounds)))
+            elif len(lengths):
+                yield pad_rows(ids, labels, lengths, options.seq_length, pad_id)
+            bar.update(len(outcomes))
     if options.packing:
         yield from _packed_rows(samples, options, stats, pad_id)
 

@@ -6,6 +6,8 @@ their text ("<|eot_id|>", "<reserved_106>").
 """
 import hashlib
 
+import numpy as np
+
 from mindsft.errors import ConfigError
 
 
@@ -41,6 +43,13 @@ class Tokenizer:
         Spans are non-decreasing and end at the text's length, so a label mask can be cut on them."""
         raise NotImplementedError
 
+    def encode_spans_flat(self, texts):
+        """(ids, begins, ends, lengths, starts): `encode_spans` of each text, the texts one after
+        another as one stream: spans count bytes from the start of the first text, text k starts at
+        byte starts[k] and has lengths[k] tokens."""
+        encoded = [self.encode_spans(text) for text in texts]
+        return concatenated_spans(encoded, [len(text.encode("utf-8")) for text in texts])
+
     def encode_with_offsets(self, text):
         """Token ids and each token's (begin, end) span in `text`, in bytes of its UTF-8 encoding."""
         ids, begins, ends = self.encode_spans(text)
@@ -75,3 +84,17 @@ class Tokenizer:
     def sha256(self):
         with open(self.path, "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()
+
+
+def concatenated_spans(encoded, text_bytes):
+    """`Tokenizer.encode_spans_flat`'s stream from each text's (ids, begins, ends) and byte count."""
+    text_bytes = np.asarray(text_bytes, np.int64)
+    starts = np.cumsum(text_bytes) - text_bytes
+    lengths = np.fromiter((len(ids) for ids, _, _ in encoded), np.int64, len(encoded))
+    if not encoded:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, lengths, starts
+    shift = np.repeat(starts, lengths)
+    return (np.concatenate([ids for ids, _, _ in encoded]).astype(np.int64),
+            np.concatenate([b for _, b, _ in encoded]).astype(np.int64) + shift,
+            np.concatenate([e for _, _, e in encoded]).astype(np.int64) + shift, lengths, starts)

@@ -2,6 +2,7 @@
 library, with the special tokens of the `tokenizer_config.json` beside it and the end tokens of
 `generation_config.json` when the folder has one.
 """
+import itertools
 import os
 import unicodedata
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from mindsft.errors import ConfigError, TokenizerError
 from mindsft.input_files import read_json
-from mindsft.tokenizer.base import Tokenizer
+from mindsft.tokenizer.base import Tokenizer, concatenated_spans
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -167,6 +168,28 @@ class JsonTokenizer(Tokenizer):
         for text, encoding in zip(texts, encode_batch(texts, add_special_tokens=False)):
             out.append(self._length_spans(text, np.asarray(encoding.ids, dtype=np.int64)) or self.encode_spans(text))
         return out
+
+    def encode_spans_flat(self, texts):
+        """`Tokenizer.encode_spans_flat`, the spans of the whole stream as one running sum of token
+        lengths when every text's lengths add up to its bytes (else text by text)."""
+        text_bytes = [len(text.encode("utf-8")) for text in texts]
+        if self._token_bytes is None or not all(map(self._text_unchanged, texts)):
+            return concatenated_spans(self.encode_spans_batch(texts), text_bytes)
+        encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        id_lists = [encoding.ids for encoding in encode_batch(texts, add_special_tokens=False)]
+        lengths = np.fromiter(map(len, id_lists), np.int64, len(id_lists))
+        ids = np.fromiter(itertools.chain.from_iterable(id_lists), np.int64, int(lengths.sum()))
+        token_bytes = self._token_bytes[ids]
+        ends = np.cumsum(token_bytes)
+        begins = ends - token_bytes
+        text_ends = np.cumsum(text_bytes, dtype=np.int64)
+        # Each text's tokens must end exactly where it ends (as `_length_spans` checks per text);
+        # a text where they do not (an added token that strips spaces) takes the library's offsets.
+        if not np.array_equal(np.concatenate(([0], ends))[np.cumsum(lengths)], text_ends):
+            per_text = np.split(ids, np.cumsum(lengths)[:-1])
+            return concatenated_spans([self._length_spans(text, text_ids) or self.encode_spans(text)
+                                       for text, text_ids in zip(texts, per_text)], text_bytes)
+        return ids, begins, ends, lengths, text_ends - np.asarray(text_bytes, np.int64)
 
     def _length_spans(self, text, ids):
         """(ids, begins, ends) from token lengths, or None when they cannot be trusted for `text`."""
