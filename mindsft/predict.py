@@ -60,7 +60,8 @@ def load_prompt_records(predict_data):
 def read_prompt_lines(path):
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            # One prompt per "\n"-ended line; a U+2028 inside a prompt stays part of it.
+            lines = [line.rstrip("\r") for line in f.read().split("\n")]
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
     records = [PromptRecord([{"role": "user", "content": line}]) for line in lines if line.strip()]

@@ -51,6 +51,20 @@ def test_braces_survive_and_jsonl_input_is_read(tmp_path):
         json.dumps(converted, ensure_ascii=False, indent=2)
 
 
+def test_json_lines_keep_line_separator_characters_inside_strings(tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 unescaped; they are not line ends
+    # in JSON Lines, so each record stays whole.
+    source = tmp_path / "a.jsonl"
+    rows = [{"instruction": "one\u2028two", "output": "three\u2029four\u0085five"},
+            {"instruction": "Say hi", "output": "hi"}]
+    source.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n", encoding="utf-8")
+    out = tmp_path / "conv.json"
+    assert convert_alpaca(source, out) == 2
+    converted = json.loads(out.read_text(encoding="utf-8"))
+    assert converted[0]["conversations"][1]["value"] == "three\u2029four\u0085five"
+    assert converted[0]["conversations"][0]["value"] == stanford_prompt(rows[0])
+
+
 @pytest.mark.parametrize("content, message", [
     ('[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]',
      r"malformed JSON at line 2 column 22"),

@@ -39,7 +39,9 @@ def read_json_records(path):
     if not stripped:
         raise DataError(f"{path}: empty file (expected a JSON array or JSON Lines)")
     records = []
-    for line_number, line in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only (JSON Lines): str.splitlines() would also cut a record at a raw U+2028 or
+    # U+0085 inside a string, which json.dumps(ensure_ascii=False) writes unescaped.
+    for line_number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
