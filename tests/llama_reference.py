@@ -41,3 +41,27 @@ def random_batch(vocab_size, batch=2, seq=17, seed=0):
     labels[:, :5] = -100
     labels[-1, seq // 2:] = -100
     return input_ids, labels
+
+
+def assert_adapter_gradients_equal_peft(ours, peft_model, input_ids, labels, module_of, rtol=1e-3):
+    """The loss gradients of every LoRA A/B in `ours` equal PEFT's for the same batch; returns how
+    many adapter tensors were compared. `module_of` maps our module name to PEFT's."""
+    import mindspore as ms
+    from mindsft.lora import LORA_A, LORA_B
+    peft_model.zero_grad()
+    peft_model(torch.from_numpy(input_ids).long(), labels=torch.from_numpy(labels).long()).loss.backward()
+    expected = {}
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad:
+            module = name[len("base_model.model."):].rsplit(".lora_", 1)[0]
+            expected[(module, LORA_A if ".lora_A." in name else LORA_B)] = param.grad.numpy()
+    params = ours.trainable_params()
+    grads = ms.grad(lambda ids, lab: ours(ids, lab), grad_position=None, weights=params)(
+        ms.Tensor(input_ids), ms.Tensor(labels))
+    assert len(grads) == len(expected) > 0
+    for param, grad in zip(params, grads):
+        module, ab = param.name.rsplit(".", 1)
+        want = expected[(module_of(module), ab)]
+        relative = np.abs(grad.asnumpy() - want).max() / (np.abs(want).max() + 1e-12)
+        assert relative <= rtol, f"{param.name}: relative difference {relative:.2e}"
+    return len(grads)

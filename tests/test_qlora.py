@@ -15,7 +15,7 @@ import transformers
 
 pytest.importorskip("bitsandbytes")
 
-from llama_reference import random_batch, random_hf_llama  # noqa: E402
+from llama_reference import assert_adapter_gradients_equal_peft, random_batch, random_hf_llama  # noqa: E402
 from mindsft.config import build_run_config  # noqa: E402
 from mindsft.errors import ConfigError  # noqa: E402
 from mindsft.convert.peft import hf_module_of  # noqa: E402
@@ -107,22 +107,7 @@ def test_logits_and_adapter_gradients_equal_peft_on_a_bitsandbytes_base(case, hf
     logits = ours(ms.Tensor(input_ids)).asnumpy()
     assert np.abs(logits - expected).max() <= 1e-4
 
-    reference.zero_grad()
-    reference(torch.from_numpy(input_ids).long(), labels=torch.from_numpy(labels).long()).loss.backward()
-    expected_grads = {}
-    for name, param in reference.named_parameters():
-        if param.requires_grad:
-            module = name[len("base_model.model."):].rsplit(".lora_", 1)[0]
-            expected_grads[(module, LORA_A if ".lora_A." in name else LORA_B)] = param.grad.numpy()
-    params = ours.trainable_params()
-    grads = ms.grad(lambda ids, lab: ours(ids, lab), grad_position=None, weights=params)(
-        ms.Tensor(input_ids), ms.Tensor(labels))
-    assert len(grads) == len(expected_grads) == 2 * 7 * 2
-    for param, grad in zip(params, grads):
-        module, ab = param.name.rsplit(".", 1)
-        want = expected_grads[(hf_module_of(module), ab)]
-        relative = np.abs(grad.asnumpy() - want).max() / (np.abs(want).max() + 1e-12)
-        assert relative <= 1e-3, f"{param.name}: relative difference {relative:.2e}"
+    assert assert_adapter_gradients_equal_peft(ours, reference, input_ids, labels, hf_module_of) == 2 * 7 * 2
 
 
 def test_base_is_frozen_and_its_report_gives_bytes_before_and_after(hf_dir, tmp_path):

@@ -31,10 +31,10 @@ import transformers
 bnb = pytest.importorskip("bitsandbytes")
 
 from family_reference import FAMILIES, TorchNormHead, reference_model, write_family_folder  # noqa: E402
-from llama_reference import random_batch  # noqa: E402
+from llama_reference import assert_adapter_gradients_equal_peft, random_batch  # noqa: E402
 from mindsft import quant  # noqa: E402
 from mindsft.convert.peft import hf_module_of  # noqa: E402
-from mindsft.lora import LORA_A, LORA_B, load_peft_adapter, lora_modules  # noqa: E402
+from mindsft.lora import load_peft_adapter, lora_modules  # noqa: E402
 from mindsft.models.families import FAMILIES as REGISTRY, model_config_from_hf  # noqa: E402
 from mindsft.models.quant_linear import Linear4bit, Linear8bit  # noqa: E402
 from mindsft.models.qlora import Quantization, build_quantized_llama  # noqa: E402
@@ -142,22 +142,9 @@ def test_logits_and_adapter_gradients_equal_peft_on_a_bitsandbytes_base(family, 
     logits = ours(ms.Tensor(input_ids)).asnumpy()
     assert np.abs(logits - expected).max() <= 1e-4
 
-    peft_model.zero_grad()
-    peft_model(torch.from_numpy(input_ids).long(), labels=torch.from_numpy(labels).long()).loss.backward()
-    expected_grads = {}
-    for name, param in peft_model.named_parameters():
-        if param.requires_grad:
-            module = name[len("base_model.model."):].rsplit(".lora_", 1)[0]
-            expected_grads[(module, LORA_A if ".lora_A." in name else LORA_B)] = param.grad.numpy()
-    params = ours.trainable_params()
-    grads = ms.grad(lambda ids, lab: ours(ids, lab), grad_position=None, weights=params)(
-        ms.Tensor(input_ids), ms.Tensor(labels))
-    assert len(grads) == len(expected_grads) > 0
-    for param, grad in zip(params, grads):
-        module, ab = param.name.rsplit(".", 1)
-        want = expected_grads[(hf_module_of(module, REGISTRY[config.family]), ab)]
-        relative = np.abs(grad.asnumpy() - want).max() / (np.abs(want).max() + 1e-12)
-        assert relative <= 1e-3, f"{param.name}: relative difference {relative:.2e}"
+    family = REGISTRY[config.family]
+    assert_adapter_gradients_equal_peft(ours, peft_model, input_ids, labels,
+                                        lambda module: hf_module_of(module, family))
 
 
 @pytest.mark.parametrize("hidden", [64, 128])
