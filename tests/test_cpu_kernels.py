@@ -144,3 +144,31 @@ def test_the_fused_adamw_step_equals_the_op_by_op_update(monkeypatch):
     assert plain.fused is None
     for got, expected in zip(fused_values, plain_values):
         assert np.abs(got - expected).max() <= 1e-6 * max(1e-3, np.abs(expected).max())
+
+
+@pytest.mark.parametrize("rows, in_features, out_features", [
+    (1, 64, 256),    # one decode row
+    (4, 37, 131),    # beams; sizes that fill no vector or block of weight rows evenly
+    (7, 1365, 9),    # more rows than one group of four
+])
+def test_few_rows_linear_equals_matmul_forward_and_backward(rows, in_features, out_features):
+    op = cpu_kernels.few_rows_linear()
+    if op is None:
+        pytest.skip("no C++ compiler")
+    rng = np.random.default_rng(rows)
+    x = Tensor(rng.standard_normal((rows, in_features)).astype(np.float32))
+    w = Tensor(rng.standard_normal((out_features, in_features)).astype(np.float32))
+    weight = Tensor(rng.standard_normal((rows, out_features)).astype(np.float32))
+    matmul = ops.MatMul(transpose_b=True)
+
+    def fused(x, w):
+        return (op(x, w) * weight).sum()
+
+    def reference(x, w):
+        return (matmul(x, w) * weight).sum()
+
+    np.testing.assert_allclose(op(x, w).asnumpy(), matmul(x, w).asnumpy(), rtol=1e-5, atol=1e-4)
+    fused_grads = ops.grad(fused, grad_position=(0, 1))(x, w)
+    reference_grads = ops.grad(reference, grad_position=(0, 1))(x, w)
+    for got, want in zip(fused_grads, reference_grads):
+        np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-5, atol=1e-4)
