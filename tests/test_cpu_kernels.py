@@ -162,3 +162,31 @@ def test_loading_the_kernels_leaves_the_process_float_mode_alone(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) > 0.0
+
+
+@pytest.mark.parametrize("rows, in_features, out_features", [
+    (1, 64, 256),    # one decode row
+    (4, 37, 131),    # beams; sizes that fill no vector or block of weight rows evenly
+    (7, 1365, 9),    # more rows than one group of four
+])
+def test_few_rows_linear_equals_matmul_forward_and_backward(rows, in_features, out_features):
+    op = cpu_kernels.few_rows_linear()
+    if op is None:
+        pytest.skip("no C++ compiler")
+    rng = np.random.default_rng(rows)
+    x = Tensor(rng.standard_normal((rows, in_features)).astype(np.float32))
+    w = Tensor(rng.standard_normal((out_features, in_features)).astype(np.float32))
+    weight = Tensor(rng.standard_normal((rows, out_features)).astype(np.float32))
+    matmul = ops.MatMul(transpose_b=True)
+
+    def fused(x, w):
+        return (op(x, w) * weight).sum()
+
+    def reference(x, w):
+        return (matmul(x, w) * weight).sum()
+
+    np.testing.assert_allclose(op(x, w).asnumpy(), matmul(x, w).asnumpy(), rtol=1e-5, atol=1e-4)
+    fused_grads = ops.grad(fused, grad_position=(0, 1))(x, w)
+    reference_grads = ops.grad(reference, grad_position=(0, 1))(x, w)
+    for got, want in zip(fused_grads, reference_grads):
+        np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-5, atol=1e-4)

@@ -39,6 +39,9 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-std=c++17", "-fPIC", "-pthread
 # linked with it, whose constructor turns on flush-to-zero for the whole process the moment the
 # library loads, so every later numpy/torch result with a denormal would silently change.
 LINK_FLAGS = ["-shared", "-fPIC", "-pthread"]
+# Up to this many rows a linear layer runs through `few_rows_linear` (a decode step: batch x beams);
+# MindSpore's MatMul repacks the weight each call, a cost that more rows amortize.
+FEW_ROWS = 8
 
 logger = logging.getLogger(__name__)
 _OPS = {}
@@ -195,3 +198,22 @@ def dequantize(kind, weight_shape):
     # keeps MindSpore from reusing one's inferred output shape for the other.
     op.add_prim_attr("weight_shape", shape)
     return op
+
+
+def few_rows_linear():
+    """The op (x [M, K], w [N, K]) -> x · wᵀ [M, N], fp32, for the few rows of a decode step
+    (`FEW_ROWS` or fewer), with its backward; None where the kernels do not apply."""
+    path = _kernel_library()
+    if path is None:
+        return None
+    if "few_rows_linear" not in _OPS:
+        from mindspore import ops
+        matmul = ops.MatMul()
+        matmul_ta = ops.MatMul(transpose_a=True)
+
+        def bprop(x, w, out, dout):
+            return matmul(dout, w), matmul_ta(dout, x)
+
+        _OPS["few_rows_linear"] = ops.Custom(f"{path}:FewRowsLinear", func_type="aot", bprop=bprop,
+                                             out_shape=lambda x, w: (x[0], w[0]), out_dtype=lambda x, w: x)
+    return _OPS["few_rows_linear"]
