@@ -111,6 +111,20 @@ class LossSum(nn.Cell):
         return loss_sum
 
 
+def assert_packed_losses_equal(model, rows, expected_losses):
+    """Run `rows` packed through `model`: each sample's per-token losses equal `expected_losses`
+    (its losses alone). Returns the packed batch (input_ids, labels, ends)."""
+    from mindsft.data.packing import sample_ids
+    input_ids, labels, ends = packed_batch(rows)
+    logits = model(Tensor(input_ids), actual_seq_len=Tensor(ends)).asnumpy()
+    # The sample-boundary rule: a sample's last token has no target (it would be the next sample's BOS).
+    same = sample_ids(ends, ROW)
+    shifted = np.where(same[:, 1:] == same[:, :-1], labels[:, 1:], IGNORE)
+    per_row = [token_losses(logits[r], np.concatenate([[IGNORE], shifted[r]])) for r in range(len(rows))]
+    assert_same_losses(split_losses(per_row, ends, rows), expected_losses)
+    return input_ids, labels, ends
+
+
 @pytest.fixture(scope="module")
 def reference():
     hf = random_hf_llama(**MODEL)
@@ -127,14 +141,7 @@ def test_packed_rows_give_each_samples_losses_and_gradients_alone(reference, att
         assert model.model.fused_causal, "g++ is needed to build the fused kernel"
     else:
         model.model.fused_causal = False
-    input_ids, labels, ends = packed_batch(rows)
-    logits = model(Tensor(input_ids), actual_seq_len=Tensor(ends)).asnumpy()
-    # The sample-boundary rule: a sample's last token has no target (it would be the next sample's BOS).
-    from mindsft.data.packing import sample_ids
-    same = sample_ids(ends, ROW)
-    shifted = np.where(same[:, 1:] == same[:, :-1], labels[:, 1:], IGNORE)
-    per_row = [token_losses(logits[r], np.concatenate([[IGNORE], shifted[r]])) for r in range(len(rows))]
-    assert_same_losses(split_losses(per_row, ends, rows), expected_losses)
+    input_ids, labels, ends = assert_packed_losses_equal(model, rows, expected_losses)
 
     params = model.trainable_params()
     grad_fn = ms.jit(ms.value_and_grad(LossSum(model), None, params))

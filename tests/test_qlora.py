@@ -229,10 +229,8 @@ def test_loading_a_4bit_base_peaks_near_the_quantized_size_plus_one_tensor(tmp_p
 
 def test_packed_rows_on_a_4bit_base_give_each_samples_losses_and_adapter_gradients_alone(tmp_path):
     from mindspore import Tensor
-    from mindsft.data.packing import sample_ids
     from mindsft.lora import LoraConfig, adapter_state, apply_lora
-    from test_packing_model import (MODEL, ROW, IGNORE, LossSum, assert_same_losses, make_samples, packed_batch,
-                                    split_losses, token_losses)
+    from test_packing_model import MODEL, LossSum, assert_packed_losses_equal, make_samples, token_losses
     random_hf_llama(**MODEL).save_pretrained(tmp_path / "hf")
     with open(tmp_path / "hf" / "config.json") as f:
         config = model_config_from_hf(json.load(f))
@@ -256,12 +254,7 @@ def test_packed_rows_on_a_4bit_base_give_each_samples_losses_and_adapter_gradien
         _, grads = grad_fn(Tensor(ids[None]), Tensor(labels[None]), ends)
         expected_grads = [total + g.asnumpy() for total, g in zip(expected_grads, grads)]
 
-    input_ids, labels, ends = packed_batch(rows)
-    logits = model(Tensor(input_ids), actual_seq_len=Tensor(ends)).asnumpy()
-    same = sample_ids(ends, ROW)
-    shifted = np.where(same[:, 1:] == same[:, :-1], labels[:, 1:], IGNORE)
-    per_row = [token_losses(logits[r], np.concatenate([[IGNORE], shifted[r]])) for r in range(len(rows))]
-    assert_same_losses(split_losses(per_row, ends, rows), expected_losses)
+    input_ids, labels, ends = assert_packed_losses_equal(model, rows, expected_losses)
     loss_sum, grads = ms.jit(grad_fn)(Tensor(input_ids), Tensor(labels), Tensor(ends))
     assert abs(float(loss_sum.asnumpy()) - np.nansum(np.concatenate(expected_losses))) <= 1e-4
     for param, grad, want in zip(params, grads, expected_grads):
