@@ -49,7 +49,6 @@ bash scripts/msrun_launcher.sh "run_mindformer.py --config $CONFIG \
     --run_mode finetune --load_checkpoint $WORK/$MODEL.ckpt --train_dataset_dir $WORK/mindrecord \
     --output_dir $WORK/output --use_parallel True --batch_size 2 --epochs 15" \
     2 8118 "$WORK/msrun_log" True 600
-tail -n 4 "$WORK/msrun_log/worker_0.log"
 
 echo "== 6. fine-tuned weights → HuggingFace folder (the model's config travels beside the checkpoint)"
 python tools/convert_weight.py --reversed --input_path "$WORK/output/checkpoint/${PREFIX}_final.ckpt" \
