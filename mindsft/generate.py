@@ -15,6 +15,7 @@ from mindspore import Tensor, ops
 
 from mindsft.errors import ConfigError
 from mindsft.generation_config import GenerationConfig  # noqa: F401 - what generate() takes
+from mindsft.models.cpu_kernels import beam_top_k
 
 @dataclasses.dataclass
 class GenerationOutput:
@@ -151,14 +152,30 @@ def log_softmax(logits):
 
 
 def top_k_descending(scores, k):
-    """Indices of the k largest entries per row, best first (ties: lower index first)."""
-    if k < scores.shape[1]:
-        candidates = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    """Indices of the k largest entries per row, best first; among equal entries the lower index
+    wins, at the cut too (argpartition alone would keep an arbitrary one of a tie there)."""
+    rows, n = scores.shape
+    if k >= n:
+        return np.lexsort((np.broadcast_to(np.arange(n), scores.shape), -scores), axis=1)
+    kth = np.partition(scores, n - k, axis=1)[:, n - k:n - k + 1]
+    at_least = scores >= kth
+    if (at_least.sum(1) == k).all():  # no tie at the cut: the usual case, one vectorized pass
+        candidates = np.nonzero(at_least)[1].reshape(rows, k)
     else:
-        candidates = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+        candidates = np.stack([np.flatnonzero(row)[np.lexsort((np.flatnonzero(row), -values[row]))[:k]]
+                               for row, values in zip(at_least, scores)])
     values = np.take_along_axis(scores, candidates, 1)
     order = np.lexsort((candidates, -values), axis=1)
     return np.take_along_axis(candidates, order, 1)
+
+
+def beam_candidates(log_probs, scores, k):
+    """Per row of log-probabilities [R, vocab] with its beam's running score [R]: the k best
+    totals (log-prob + score) and their tokens, best first — what `BeamSearch.step` takes, and
+    what the fused `beam_top_k` kernel computes in the decode graph."""
+    totals = log_probs + scores.astype(np.float32)[:, None]
+    tokens = top_k_descending(totals, k)
+    return np.take_along_axis(totals, tokens, 1), tokens
 
 
 class BeamSearch:
@@ -188,15 +205,19 @@ class BeamSearch:
         self.length = 0
         self.done = False
 
-    def step(self, log_probs):
-        """Take log-probabilities [batch·num_beams, vocab] of every running beam's next token;
-        return (row of the previous step each beam continues [batch·num_beams], its new token)."""
+    def step(self, candidate_totals, candidate_tokens):
+        """Take each running beam's best continuations (`beam_candidates`: totals and tokens
+        [batch·num_beams, k], k >= self.candidates, best first); return (row of the previous step
+        each beam continues [batch·num_beams], its new token)."""
         batch, beams, length = self.batch, self.num_beams, self.length
-        vocab = log_probs.shape[-1]
-        totals = (log_probs.reshape(batch, beams, vocab) + self.running_scores[:, :, None]).reshape(batch, -1)
-        top = top_k_descending(totals, self.candidates)
+        per_beam = candidate_totals.shape[-1]
+        totals = candidate_totals.reshape(batch, beams * per_beam)
+        tokens = candidate_tokens.reshape(batch, beams * per_beam).astype(np.int64)
+        beam_of = np.broadcast_to(np.repeat(np.arange(beams), per_beam), totals.shape)
+        # transformers ranks beams x vocab flat: equal totals go to the lower beam, then the lower token.
+        top = np.lexsort((tokens, beam_of, -totals), axis=1)[:, :self.candidates]
         top_scores = np.take_along_axis(totals, top, 1)
-        top_beams, top_tokens = top // vocab, top % vocab
+        top_beams, top_tokens = np.take_along_axis(beam_of, top, 1), np.take_along_axis(tokens, top, 1)
         top_sequences = np.take_along_axis(self.running_tokens, top_beams[:, :, None], 1)
         top_sequences[:, :, length] = top_tokens
         ends = np.isin(top_tokens, self.stop_ids) | (length + 1 >= self.new_tokens)
@@ -288,6 +309,24 @@ class Generator:
         self.full_forward = ms.jit(full_forward)
         self.gather_rows = ms.jit(gather_rows)
         self.reordered_cached_forward = ms.jit(reordered_cached_forward)
+        self._beam_forwards = {}
+
+    def beam_forward(self, k):
+        """The decode step of beam search that returns each row's k best candidates (totals and
+        tokens, from `beam_top_k`) instead of its logits; None where that kernel does not apply."""
+        if k not in self._beam_forwards:
+            top_k = beam_top_k(k)
+            step = None
+            if top_k is not None:
+                reordered = self.reordered_cached_forward
+
+                def step(input_ids, position_ids, cache_mask, query_slots, rows, scores, *caches):
+                    logits, caches = reordered(input_ids, position_ids, cache_mask, query_slots, rows, *caches)
+                    totals, tokens = top_k(logits, scores)
+                    return totals, tokens, caches
+                step = ms.jit(step)
+            self._beam_forwards[k] = step
+        return self._beam_forwards[k]
 
     def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig = None,
                  on_step=None, use_cache=None) -> GenerationOutput:
@@ -372,25 +411,37 @@ class Generator:
         logits = np.repeat(logits.asnumpy(), beams, 0)
         tally.add("prefill", ("beam prefill", batch, prompt_length, total, beams), int(mask.sum()),
                   time.perf_counter() - start)
+        vocab = logits.shape[-1]
+        per_row = min(search.candidates, vocab)
+        # Without a repetition penalty (applied to every log-probability) the decode graph can
+        # pick each row's candidates itself, and only those come back to the host.
+        fused = self.beam_forward(per_row) if seen is None else None
+        candidates = None
         for step in range(new_tokens):
             start = time.perf_counter()
-            log_probs = log_softmax(logits)
-            if seen is not None:
-                # transformers applies its logits processors to the log-probabilities in beam search.
-                log_probs = apply_repetition_penalty(log_probs, seen, penalty)
-            source_rows, tokens = search.step(log_probs)
+            if candidates is None:
+                log_probs = log_softmax(logits)
+                if seen is not None:
+                    # transformers applies its logits processors to the log-probabilities in beam search.
+                    log_probs = apply_repetition_penalty(log_probs, seen, penalty)
+                candidates = beam_candidates(log_probs, search.running_scores.reshape(-1), per_row)
+            source_rows, tokens = search.step(*candidates)
             if search.done:
                 break
             if seen is not None:
                 seen = seen[source_rows]
                 seen[np.arange(rows), tokens] = True
             cache_mask[:, prompt_length + step] = 1
-            logits, caches = self.reordered_cached_forward(
-                Tensor(tokens.reshape(rows, 1)), Tensor((real_lengths + step).astype(np.int32).reshape(rows, 1)),
-                Tensor(cache_mask), Tensor(np.array([prompt_length + step], np.int32)),
-                Tensor(source_rows.astype(np.int32)), *caches)
-            logits = logits.asnumpy()
-            tally.add("decode", ("beam decode", rows, total), rows, time.perf_counter() - start)
+            inputs = (Tensor(tokens.reshape(rows, 1)),
+                      Tensor((real_lengths + step).astype(np.int32).reshape(rows, 1)), Tensor(cache_mask),
+                      Tensor(np.array([prompt_length + step], np.int32)), Tensor(source_rows.astype(np.int32)))
+            if fused is not None:
+                totals, top_tokens, caches = fused(*inputs, Tensor(search.running_scores.reshape(-1)), *caches)
+                candidates = (totals.asnumpy(), top_tokens.asnumpy())
+            else:
+                logits, caches = self.reordered_cached_forward(*inputs, *caches)
+                logits, candidates = logits.asnumpy(), None
+            tally.add("decode", ("beam decode", rows, total, fused is not None), rows, time.perf_counter() - start)
         sequences = search.best()
         stop_set = set(stop_ids.tolist())
         stopped = [bool(seq) and seq[-1] in stop_set for seq in sequences]

@@ -7,7 +7,7 @@ import torch
 
 from llama_reference import mindsft_twin
 from mindsft.errors import ConfigError
-from mindsft.generate import BeamSearch, GenerationConfig, Generator
+from mindsft.generate import BeamSearch, GenerationConfig, Generator, beam_candidates
 from test_generate import random_prompts, varied_hf_llama
 
 BEAMS = 4
@@ -92,7 +92,7 @@ def test_the_first_step_expands_only_the_first_beam():
     search = BeamSearch(batch=1, num_beams=BEAMS, new_tokens=5, stop_ids=[0])
     log_probs = np.log(np.full((BEAMS, 10), 0.1, np.float32))
     log_probs[:, 3] = np.log(0.5)
-    rows, tokens = search.step(log_probs)
+    rows, tokens = search.step(*beam_candidates(log_probs, search.running_scores.reshape(-1), search.candidates))
     assert rows.tolist() == [0, 0, 0, 0]
     assert len(set(tokens.tolist())) == BEAMS and tokens[0] == 3
 

@@ -190,3 +190,29 @@ def test_few_rows_linear_equals_matmul_forward_and_backward(rows, in_features, o
     reference_grads = ops.grad(reference, grad_position=(0, 1))(x, w)
     for got, want in zip(fused_grads, reference_grads):
         np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_beam_top_k_picks_the_candidates_the_host_picks():
+    """The decode graph's candidates equal the host's `beam_candidates`: the same totals
+    (log-softmax in float32 with a float64 log-sum-exp, plus the beam's score) and tokens, ties
+    to the lower token, a beam at -1e9 included."""
+    from mindsft.generate import beam_candidates, log_softmax
+    op = cpu_kernels.beam_top_k(8)
+    if op is None:
+        pytest.skip("no C++ compiler")
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((4, 1000)) * 3).astype(np.float32)
+    logits[1, [5, 17, 400, 999]] = 9.0  # a four-way tie at the top
+    logits[2, :] = 0.5                  # a row of nothing but ties
+    scores = np.array([0.0, -1.25, -1e9, -3.5], np.float32)
+
+    @ms.jit
+    def graph(logits, scores):
+        return op(logits, scores)
+
+    totals, tokens = graph(Tensor(logits), Tensor(scores))
+    want_totals, want_tokens = beam_candidates(log_softmax(logits), scores, 8)
+    assert tokens.asnumpy().tolist() == want_tokens.tolist()
+    np.testing.assert_array_equal(totals.asnumpy(), want_totals)
+    assert tokens.asnumpy()[1, :4].tolist() == [5, 17, 400, 999]
+    assert tokens.asnumpy()[2].tolist() == list(range(8))

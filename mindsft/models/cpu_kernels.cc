@@ -673,3 +673,49 @@ extern "C" int FewRowsLinear(int nparam, void **params, int *ndims, int64_t **sh
                     &body);
   return 0;
 }
+
+namespace {
+
+// The best K continuations of one beam-search row by (total desc, token asc), where
+// total = float(log_softmax(logits)[t]) + score computed as the host did: float32 shift by the
+// max, log-sum-exp in double.
+void beam_row_top_k(const float *logits, int64_t vocab, float score, int64_t K, float *totals, int32_t *tokens) {
+  float peak = logits[0];
+  for (int64_t t = 1; t < vocab; t++) peak = std::max(peak, logits[t]);
+  double sum = 0.0;
+  for (int64_t t = 0; t < vocab; t++) sum += std::exp(static_cast<double>(logits[t] - peak));
+  const double lse = std::log(sum);
+  int64_t kept = 0;
+  for (int64_t t = 0; t < vocab; t++) {
+    const float total = static_cast<float>(static_cast<double>(logits[t] - peak) - lse) + score;
+    // Tokens come in ascending order, so an equal total never displaces an earlier token.
+    if (kept == K && !(total > totals[K - 1])) continue;
+    int64_t at = kept == K ? K - 1 : kept++;
+    for (; at > 0 && total > totals[at - 1]; at--) {
+      totals[at] = totals[at - 1];
+      tokens[at] = tokens[at - 1];
+    }
+    totals[at] = total;
+    tokens[at] = static_cast<int32_t>(t);
+  }
+}
+
+}  // namespace
+
+// logits [R, V], scores [R] -> totals [R, K] (float32), tokens [R, K] (int32), best first.
+extern "C" int BeamTopK(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                        void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  const int64_t rows = shapes[0][0], vocab = shapes[0][1], K = shapes[2][1];
+  if (K > vocab) return 1;
+  const float *logits = static_cast<const float *>(params[0]);
+  const float *scores = static_cast<const float *>(params[1]);
+  float *totals = static_cast<float *>(params[2]);
+  int32_t *tokens = static_cast<int32_t *>(params[3]);
+  auto body = [&](int64_t r) {
+    beam_row_top_k(logits + r * vocab, vocab, scores[r], K, totals + r * K, tokens + r * K);
+  };
+  worker_pool().run(rows, [](void *context, int64_t task) { (*static_cast<decltype(body) *>(context))(task); },
+                    &body);
+  return 0;
+}

@@ -217,3 +217,23 @@ def few_rows_linear():
         _OPS["few_rows_linear"] = ops.Custom(f"{path}:FewRowsLinear", func_type="aot", bprop=bprop,
                                              out_shape=lambda x, w: (x[0], w[0]), out_dtype=lambda x, w: x)
     return _OPS["few_rows_linear"]
+
+
+def beam_top_k(k):
+    """The op (logits [R, V], scores [R]) -> (totals [R, k] float32, tokens [R, k] int32): per row,
+    the k best of log_softmax(logits) + score, best first, ties to the lower token (beam search's
+    candidates, without sending the logits to the host); None where the kernels do not apply."""
+    path = _kernel_library()
+    if path is None:
+        return None
+    key = ("beam_top_k", int(k))
+    if key not in _OPS:
+        import mindspore as ms
+        from mindspore import ops
+        op = ops.Custom(f"{path}:BeamTopK", func_type="aot",
+                        out_shape=lambda logits, scores: ((logits[0], int(k)), (logits[0], int(k))),
+                        out_dtype=lambda logits, scores: (ms.float32, ms.int32))
+        # Ops of different k over same-shaped inputs: the attribute keeps their inferred shapes apart.
+        op.add_prim_attr("k", int(k))
+        _OPS[key] = op
+    return _OPS[key]
