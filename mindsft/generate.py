@@ -303,7 +303,7 @@ class Generator:
 
         def reordered_cached_forward(input_ids, position_ids, cache_mask, query_slots, rows, *caches):
             # Beam search: each row continues the beam at `rows`, so its cache comes along first.
-            return cached_forward(input_ids, position_ids, cache_mask, query_slots, *gather_rows(rows, *caches))
+            return model.forward_cached(input_ids, position_ids, cache_mask, query_slots, caches, rows)
 
         self.cached_forward = ms.jit(cached_forward)
         self.full_forward = ms.jit(full_forward)
@@ -315,17 +315,13 @@ class Generator:
         """The decode step of beam search that returns each row's k best candidates (totals and
         tokens, from `beam_top_k`) instead of its logits; None where that kernel does not apply."""
         if k not in self._beam_forwards:
-            top_k = beam_top_k(k)
-            step = None
-            if top_k is not None:
-                reordered = self.reordered_cached_forward
+            top_k, reordered = beam_top_k(k), self.reordered_cached_forward
 
-                def step(input_ids, position_ids, cache_mask, query_slots, rows, scores, *caches):
-                    logits, caches = reordered(input_ids, position_ids, cache_mask, query_slots, rows, *caches)
-                    totals, tokens = top_k(logits, scores)
-                    return totals, tokens, caches
-                step = ms.jit(step)
-            self._beam_forwards[k] = step
+            def step(input_ids, position_ids, cache_mask, query_slots, rows, scores, *caches):
+                logits, caches = reordered(input_ids, position_ids, cache_mask, query_slots, rows, *caches)
+                totals, tokens = top_k(logits, scores)
+                return totals, tokens, caches
+            self._beam_forwards[k] = None if top_k is None else ms.jit(step)
         return self._beam_forwards[k]
 
     def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig = None,

@@ -719,3 +719,69 @@ extern "C" int BeamTopK(int nparam, void **params, int *ndims, int64_t **shapes,
                     &body);
   return 0;
 }
+
+// One decode step of attention for every row: rotate the new query and key (half-split rotary),
+// take each row's cache from the row it continues (beam search reorders rows; greedy passes
+// r -> r), write the new key/value at `slot`, and attend over the whole cache with an additive
+// mask. Inputs: q [R, H*D], k, v [R, Hkv*D], cos, sin [R, D], mask [R, T], slot [1] int32,
+// rows [R] int32, key_cache, value_cache [R, Hkv, T, D]; outputs: out [R, H*D], new key_cache,
+// new value_cache. One task per (row, key/value head); its n_rep query heads share the cache.
+extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  if (nparam != 13) return 1;
+  const int64_t R = shapes[8][0], kv_heads = shapes[8][1], T = shapes[8][2], D = shapes[8][3];
+  const int64_t heads = shapes[0][1] / D, n_rep = heads / kv_heads, half = D / 2;
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  const float *cos = static_cast<const float *>(params[3]);
+  const float *sin = static_cast<const float *>(params[4]);
+  const float *mask = static_cast<const float *>(params[5]);
+  const int64_t slot = static_cast<const int32_t *>(params[6])[0];
+  const int32_t *rows = static_cast<const int32_t *>(params[7]);
+  const float *key_cache = static_cast<const float *>(params[8]);
+  const float *value_cache = static_cast<const float *>(params[9]);
+  float *out = static_cast<float *>(params[10]);
+  float *new_keys = static_cast<float *>(params[11]);
+  float *new_values = static_cast<float *>(params[12]);
+  if (slot < 0 || slot >= T || heads % kv_heads != 0 || D % 2 != 0) return 1;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+
+  auto rotate = [&](const float *x, const float *c, const float *s, float factor, float *y) {
+    for (int64_t i = 0; i < half; i++) y[i] = (x[i] * c[i] - x[i + half] * s[i]) * factor;
+    for (int64_t i = half; i < D; i++) y[i] = (x[i] * c[i] + x[i - half] * s[i]) * factor;
+  };
+  auto body = [&](int64_t task) {
+    const int64_t r = task / kv_heads, g = task % kv_heads;
+    const int64_t block = T * D, from = (static_cast<int64_t>(rows[r]) * kv_heads + g) * block;
+    float *keys = new_keys + (r * kv_heads + g) * block;
+    float *values = new_values + (r * kv_heads + g) * block;
+    std::copy(key_cache + from, key_cache + from + block, keys);
+    std::copy(value_cache + from, value_cache + from + block, values);
+    const float *c = cos + r * D, *s = sin + r * D;
+    rotate(k + (r * kv_heads + g) * D, c, s, 1.0f, keys + slot * D);
+    std::copy(v + (r * kv_heads + g) * D, v + (r * kv_heads + g + 1) * D, values + slot * D);
+    std::vector<float> query(D), scores(T);
+    for (int64_t h = g * n_rep; h < (g + 1) * n_rep; h++) {
+      rotate(q + (r * heads + h) * D, c, s, scale, query.data());
+      float peak = -INFINITY;
+      for (int64_t t = 0; t < T; t++) {
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; d++) dot += query[d] * keys[t * D + d];
+        scores[t] = dot + mask[r * T + t];
+        peak = std::max(peak, scores[t]);
+      }
+      float total = 0.0f;
+      for (int64_t t = 0; t < T; t++) total += (scores[t] = std::exp(scores[t] - peak));
+      float *o = out + (r * heads + h) * D;
+      std::fill(o, o + D, 0.0f);
+      for (int64_t t = 0; t < T; t++) {
+        const float p = scores[t] / total;
+        for (int64_t d = 0; d < D; d++) o[d] += p * values[t * D + d];
+      }
+    }
+  };
+  worker_pool().run(R * kv_heads,
+                    [](void *context, int64_t task) { (*static_cast<decltype(body) *>(context))(task); }, &body);
+  return 0;
+}

@@ -237,3 +237,22 @@ def beam_top_k(k):
         op.add_prim_attr("k", int(k))
         _OPS[key] = op
     return _OPS[key]
+
+
+def decode_attention():
+    """The op (q [R, H·D], k, v [R, Hkv·D], cos, sin [R, D], mask [R, T] additive, slot [1],
+    rows [R] int32, key_cache, value_cache [R, Hkv, T, D]) -> (out [R, H·D], key_cache,
+    value_cache): one decode step of attention (rotary, queries scaled by 1/sqrt(D), each row's
+    cache taken from row rows[r], the new key/value written at `slot`), fp32, no gradient.
+    A decode step otherwise runs ~25 small MindSpore ops per layer for it. None where the
+    kernels do not apply."""
+    path = _kernel_library()
+    if path is None:
+        return None
+    if "decode_attention" not in _OPS:
+        from mindspore import ops
+        _OPS["decode_attention"] = ops.Custom(
+            f"{path}:DecodeAttention", func_type="aot",
+            out_shape=lambda q, k, v, cos, sin, mask, slot, rows, key_cache, value_cache: (q, key_cache, value_cache),
+            out_dtype=lambda q, k, v, cos, sin, mask, slot, rows, key_cache, value_cache: (q, q, q))
+    return _OPS["decode_attention"]

@@ -14,7 +14,8 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, One, initializer
 
 from mindsft.models.config import LlamaConfig  # noqa: F401 - the one config the network is built from
-from mindsft.models.cpu_kernels import FEW_ROWS, causal_attention, cross_entropy, few_rows_linear, packed_attention
+from mindsft.models.cpu_kernels import (FEW_ROWS, causal_attention, cross_entropy, decode_attention, few_rows_linear,
+                                        packed_attention)
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -194,6 +195,8 @@ class Attention(nn.Cell):
         # actual_seq_qlen/kvlen (TND layout); that is not built (it cannot run here), and the
         # additive block-diagonal mask below serves every device.
         self.fused_packed = packed_attention(config.head_dim) if self.fused_causal is not None else None
+        # A decode step's attention in one op (CPU, fp32); None elsewhere.
+        self.fused_decode = decode_attention() if self.compute_dtype == ms.float32 else None
 
     def rotated_qkv(self, x, cos, sin):
         """Queries (rotated, pre-scaled by 1/sqrt(head_dim)), keys (rotated), values: [B, heads, S, head_dim]."""
@@ -251,6 +254,22 @@ class Attention(nn.Cell):
         out = out.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.wo(out), key_cache, value_cache
 
+    def construct_decode(self, x, cos, sin, mask, slot, rows, key_cache, value_cache):
+        """`construct_cached` for one new token per row through the fused decode kernel, each
+        row's cache first taken from row rows[r]: x [B, 1, hidden], cos/sin [B, head_dim],
+        mask [B, T] additive, slot [1] int32."""
+        batch = x.shape[0]
+        q = self.wq(x)
+        k = self.wk(x)
+        if self.qk_norm:
+            q = self.q_norm(q.reshape(batch, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(batch, self.n_kv_heads, self.head_dim))
+        q = q.reshape(batch, self.num_heads * self.head_dim)
+        k = k.reshape(batch, self.n_kv_heads * self.head_dim)
+        v = self.wv(x).reshape(batch, self.n_kv_heads * self.head_dim)
+        out, key_cache, value_cache = self.fused_decode(q, k, v, cos, sin, mask, slot, rows, key_cache, value_cache)
+        return self.wo(out.reshape(batch, 1, self.num_heads * self.head_dim)), key_cache, value_cache
+
 
 class FeedForward(nn.Cell):
     """SwiGLU: w2(silu(w1 x) * w3 x); w1 = gate, w2 = down, w3 = up (MindFormers' names)."""
@@ -283,6 +302,12 @@ class DecoderLayer(nn.Cell):
         h = x + attended
         return h + self.feed_forward(self.ffn_norm(h)), key_cache, value_cache
 
+    def construct_decode(self, x, cos, sin, mask, slot, rows, key_cache, value_cache):
+        attended, key_cache, value_cache = self.attention.construct_decode(
+            self.attention_norm(x), cos, sin, mask, slot, rows, key_cache, value_cache)
+        h = x + attended
+        return h + self.feed_forward(self.ffn_norm(h)), key_cache, value_cache
+
 
 class LlamaModel(nn.Cell):
     def __init__(self, config):
@@ -294,6 +319,7 @@ class LlamaModel(nn.Cell):
         self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
         self.inv_freq = Tensor(rope_inverse_frequencies(config))
         self.fused_causal = self.layers[0].attention.fused_causal is not None
+        self.fused_decode = self.layers[0].attention.fused_decode is not None
         self.sliding_window = config.sliding_window
 
     def rotary_tables(self, position_ids):
@@ -343,14 +369,15 @@ class LlamaModel(nn.Cell):
             h = layer(h, cos, sin, mask, actual_seq_len)
         return self.norm_out(h)
 
-    def construct_cached(self, input_ids, position_ids, cache_mask, query_slots, caches):
+    def construct_cached(self, input_ids, position_ids, cache_mask, query_slots, caches, source_rows=None):
         """Run new tokens against a key/value cache: the prompt (prefill) or one token (decode).
 
         input_ids, position_ids [B, S] int32; cache_mask [B, T] (1 = slot holds a real token,
         the new ones included); query_slots [S] int32, the cache slot of each new token (the same
         for every row: prompts are left-padded); caches: tuple of 2·num_layers tensors
-        [B, kv_heads, T, head_dim] (keys, values per layer). Returns (final hidden state of the
-        last new token [B, 1, hidden], updated caches).
+        [B, kv_heads, T, head_dim] (keys, values per layer); source_rows [B] int32, optional: row
+        r continues the cache of row source_rows[r] (beam search). Returns (final hidden state of
+        the last new token [B, 1, hidden], updated caches).
         """
         batch, seq = input_ids.shape
         cache_len = caches[0].shape[2]
@@ -363,17 +390,38 @@ class LlamaModel(nn.Cell):
                                   cache_mask.astype(ms.bool_).reshape(batch, 1, 1, cache_len))
         mask = ops.select(allowed, ops.zeros(allowed.shape, ms.float32),
                           ops.full(allowed.shape, -1e30, dtype=ms.float32))
+        cos, sin = self.rotary_tables(position_ids)
+        h = self.tok_embeddings(input_ids)
+        if self.fused_decode and seq == 1:
+            return self.decode_layers(h, cos, sin, mask, query_slots, caches, source_rows)
+        if source_rows is not None:
+            gathered = ()
+            for cache in caches:
+                gathered = gathered + (ops.gather(cache, source_rows, 0),)
+            caches = gathered
         written = (slots == query_slots).astype(self.compute_dtype)
         write_weight = written.transpose(1, 0)
         keep_weight = 1 - written.sum(0).reshape(cache_len, 1)
-        cos, sin = self.rotary_tables(position_ids)
-        h = self.tok_embeddings(input_ids)
         new_caches = ()
         for index in range(len(self.layers)):
             h, key_cache, value_cache = self.layers[index].construct_cached(
                 h, cos, sin, mask, write_weight, keep_weight, caches[2 * index], caches[2 * index + 1])
             new_caches = new_caches + (key_cache, value_cache)
         return self.norm_out(h[:, seq - 1:]), new_caches
+
+    def decode_layers(self, h, cos, sin, mask, query_slots, caches, source_rows):
+        """The layers of a one-token decode step through the fused decode kernel."""
+        batch, cache_len = h.shape[0], caches[0].shape[2]
+        rows = ops.arange(0, batch, dtype=ms.int32) if source_rows is None else source_rows.astype(ms.int32)
+        cos, sin = cos.reshape(batch, cos.shape[-1]), sin.reshape(batch, sin.shape[-1])
+        mask = mask.reshape(batch, cache_len)
+        slot = query_slots.reshape(1).astype(ms.int32)
+        new_caches = ()
+        for index in range(len(self.layers)):
+            h, key_cache, value_cache = self.layers[index].construct_decode(
+                h, cos, sin, mask, slot, rows, caches[2 * index], caches[2 * index + 1])
+            new_caches = new_caches + (key_cache, value_cache)
+        return self.norm_out(h), new_caches
 
 
 class LlamaForCausalLM(nn.Cell):
@@ -422,10 +470,11 @@ class LlamaForCausalLM(nn.Cell):
             targets = ops.select(sample[:, 1:] == sample[:, :-1], targets, ops.full_like(targets, self.ignore_index))
         return causal_lm_loss_terms(logits, targets, self.ignore_index, self.fused_cross_entropy)
 
-    def forward_cached(self, input_ids, position_ids, cache_mask, query_slots, caches):
+    def forward_cached(self, input_ids, position_ids, cache_mask, query_slots, caches, source_rows=None):
         """Logits [B, vocab] of the last new token and the updated caches (see
         `LlamaModel.construct_cached`); what generation calls for prefill and for each step."""
-        hidden, caches = self.model.construct_cached(input_ids, position_ids, cache_mask, query_slots, caches)
+        hidden, caches = self.model.construct_cached(input_ids, position_ids, cache_mask, query_slots, caches,
+                                                     source_rows)
         # A reshape, not [:, 0]: MindSpore's CPU StridedSlice took 1.7 ms on [1, 1, 32000] logits.
         return self.logits_from_hidden(hidden.reshape(hidden.shape[0], hidden.shape[2])), caches
 
