@@ -216,3 +216,48 @@ def test_beam_top_k_picks_the_candidates_the_host_picks():
     np.testing.assert_array_equal(totals.asnumpy(), want_totals)
     assert tokens.asnumpy()[1, :4].tolist() == [5, 17, 400, 999]
     assert tokens.asnumpy()[2].tolist() == list(range(8))
+
+
+def test_decode_attention_equals_the_step_written_out_in_numpy():
+    """One decode step: every row takes the cache of the row it continues, rotates its new query
+    and key, writes key and value at the slot, and attends over the cache where the mask allows
+    (grouped key/value heads; a masked slot holding garbage is never read)."""
+    op = cpu_kernels.decode_attention()
+    if op is None:
+        pytest.skip("no C++ compiler")
+    rows, heads, kv_heads, slots, dim, slot = 3, 6, 2, 9, 8, 5
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((rows, heads * dim)).astype(np.float32)
+    k = rng.standard_normal((rows, kv_heads * dim)).astype(np.float32)
+    v = rng.standard_normal((rows, kv_heads * dim)).astype(np.float32)
+    angles = rng.uniform(0, 6, (rows, dim // 2)).astype(np.float32)
+    cos, sin = np.cos(np.tile(angles, 2)), np.sin(np.tile(angles, 2))
+    allowed = np.arange(slots)[None, :] <= slot
+    allowed = allowed & (rng.random((rows, slots)) > 0.3) | (np.arange(slots) == slot)
+    mask = np.where(allowed, 0, -1e30).astype(np.float32)
+    source = np.array([2, 0, 2], np.int32)
+    keys = rng.standard_normal((rows, kv_heads, slots, dim)).astype(np.float32)
+    values = rng.standard_normal((rows, kv_heads, slots, dim)).astype(np.float32)
+
+    def rotate(x):  # [..., dim], HuggingFace's half-split layout
+        return x * cos[:, None] + np.concatenate([-x[..., dim // 2:], x[..., :dim // 2]], -1) * sin[:, None]
+
+    want_keys, want_values = keys[source].copy(), values[source].copy()
+    want_keys[:, :, slot] = rotate(k.reshape(rows, kv_heads, dim))
+    want_values[:, :, slot] = v.reshape(rows, kv_heads, dim)
+    query = rotate(q.reshape(rows, heads, dim)) / np.sqrt(dim)
+    grouped = np.repeat(np.arange(kv_heads), heads // kv_heads)
+    scores = np.einsum("rhd,rhtd->rht", query, want_keys[:, grouped]) + mask[:, None]
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want_out = np.einsum("rht,rhtd->rhd", probs, want_values[:, grouped]).reshape(rows, heads * dim)
+
+    @ms.jit
+    def graph(*inputs):
+        return op(*inputs)
+
+    out, new_keys, new_values = graph(*map(Tensor, (q, k, v, cos, sin, mask, np.array([slot], np.int32), source,
+                                                    keys, values)))
+    np.testing.assert_allclose(new_keys.asnumpy(), want_keys, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(new_values.asnumpy(), want_values)
+    np.testing.assert_allclose(out.asnumpy(), want_out, rtol=1e-5, atol=1e-6)
