@@ -87,6 +87,20 @@ def test_left_padded_batch_equals_transformers_beam_search(twin, eos, settings):
     assert ours(generator, prompts, eos, max_new_tokens=16, **settings).sequences == expected
 
 
+def test_without_the_fused_kernels_beam_search_chooses_the_same_tokens(twin, monkeypatch):
+    """The fused decode path (attention kernel, candidates picked in the graph) and MindSpore's
+    own ops (the logits on the host) are two ways to the same beams."""
+    hf, fused = twin
+    assert fused.model.model.fused_decode and fused.beam_forward(2 * BEAMS) is not None
+    monkeypatch.setenv("MINDSFT_CPU_KERNELS", "0")
+    plain = Generator(mindsft_twin(hf))
+    assert not plain.model.model.fused_decode and plain.beam_forward(2 * BEAMS) is None
+    prompts = random_prompts(hf.config.vocab_size, (5, 12), seed=4)
+    expected = hf_beam_search(hf, prompts, eos=2, max_new_tokens=12)
+    assert ours(plain, prompts, 2, max_new_tokens=12).sequences == expected
+    assert ours(fused, prompts, 2, max_new_tokens=12).sequences == expected
+
+
 def test_the_first_step_expands_only_the_first_beam():
     # All beams start equal; with the others at -1e9 the first step must not pick one token 4 times.
     search = BeamSearch(batch=1, num_beams=BEAMS, new_tokens=5, stop_ids=[0])
