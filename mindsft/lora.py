@@ -16,7 +16,7 @@ from mindsft.errors import ConfigError
 from mindsft.lora_config import LORA_A, LORA_B, LoraConfig, is_adapter_name, merged_weight  # noqa: F401
 from mindsft.models.families import family_of
 from mindsft.models.families.base import check_weights
-from mindsft.models.llama import DTYPES, Linear
+from mindsft.models.llama import DTYPES, Linear, weight_product
 from mindsft.models.quant_linear import QuantizedLinear
 
 
@@ -31,16 +31,22 @@ class LoraLinear(nn.Cell):
 
     def __init__(self, base, scaling, dropout, lora_a, lora_b, rows=None):
         super().__init__()
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.compute_dtype = base.compute_dtype
-        self.scaling = scaling
         self.weight = base.weight
         self.weight.requires_grad = False
         self.has_bias = base.has_bias
         if base.has_bias:
             self.bias = base.bias
             self.bias.requires_grad = False
+        # A decode step's few rows go through the base's few-rows kernel, as without LoRA.
+        self.few_rows = base.few_rows
+        self.attach_adapter(base, scaling, dropout, lora_a, lora_b, rows)
+
+    def attach_adapter(self, base, scaling, dropout, lora_a, lora_b, rows):
+        """What every LoRA cell holds beside its base: sizes, A and B, the rows of B it uses, dropout."""
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.compute_dtype = base.compute_dtype
+        self.scaling = scaling
         self.matmul = ops.MatMul(transpose_b=True)
         self.mindpet_delta_lora_a = lora_a
         self.mindpet_delta_lora_b = lora_b
@@ -50,7 +56,7 @@ class LoraLinear(nn.Cell):
 
     def base_product(self, x):
         """x·Wᵀ (+ b): the frozen base's output (a quantized base computes it itself)."""
-        y = self.matmul(x, self.weight.astype(self.compute_dtype))
+        y = weight_product(x, self.weight.astype(self.compute_dtype), self.matmul, self.few_rows)
         if self.has_bias:
             y = y + self.bias.astype(self.compute_dtype)
         return y
@@ -74,19 +80,10 @@ class LoraQuantizedLinear(LoraLinear):
     it, dequantizes its own weight; gradients reach A and B through that product."""
 
     def __init__(self, base, scaling, dropout, lora_a, lora_b, rows=None):
-        nn.Cell.__init__(self)
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.compute_dtype = base.compute_dtype
-        self.scaling = scaling
+        nn.Cell.__init__(self)  # not LoraLinear's: there is no float weight to hold
         self.base_layer = base
         self.has_bias = False
-        self.matmul = ops.MatMul(transpose_b=True)
-        self.mindpet_delta_lora_a = lora_a
-        self.mindpet_delta_lora_b = lora_b
-        self.rows = rows or (0, self.out_features)
-        self.packed = rows is not None
-        self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.attach_adapter(base, scaling, dropout, lora_a, lora_b, rows)
 
     def base_product(self, x):
         return self.base_layer(x)
