@@ -72,6 +72,11 @@ def attention_probs(scores):
     return ops.exp(ops.log_softmax(scores, -1))
 
 
+def additive_mask(allowed):
+    """0 where attention is allowed, -1e30 where not (float32, added to the scores)."""
+    return ops.select(allowed, ops.zeros(allowed.shape, ms.float32), ops.full(allowed.shape, -1e30, dtype=ms.float32))
+
+
 def packed_segments(actual_seq_len, seq):
     """(sample index, first position of that sample), each [B, S] int32, of every position of
     packed rows whose samples end at the cumulative offsets actual_seq_len [B, K]; positions
@@ -361,8 +366,7 @@ class LlamaModel(nn.Cell):
         if attention_mask is None and self.fused_causal and not windowed:
             mask = None  # plain causal: the fused kernel needs no mask
         else:
-            mask = ops.select(allowed, ops.zeros(allowed.shape, ms.float32),
-                              ops.full(allowed.shape, -1e30, dtype=ms.float32))
+            mask = additive_mask(allowed)
         cos, sin = self.rotary_tables(position_ids)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
@@ -388,8 +392,7 @@ class LlamaModel(nn.Cell):
             causal = ops.logical_and(causal, slots > query_slots - self.sliding_window)
         allowed = ops.logical_and(causal.reshape(1, 1, seq, cache_len),
                                   cache_mask.astype(ms.bool_).reshape(batch, 1, 1, cache_len))
-        mask = ops.select(allowed, ops.zeros(allowed.shape, ms.float32),
-                          ops.full(allowed.shape, -1e30, dtype=ms.float32))
+        mask = additive_mask(allowed)
         cos, sin = self.rotary_tables(position_ids)
         h = self.tok_embeddings(input_ids)
         if self.fused_decode and seq == 1:
