@@ -745,6 +745,8 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
   float *new_keys = static_cast<float *>(params[11]);
   float *new_values = static_cast<float *>(params[12]);
   if (slot < 0 || slot >= T || heads % kv_heads != 0 || D % 2 != 0) return 1;
+  for (int64_t r = 0; r < R; r++)
+    if (rows[r] < 0 || rows[r] >= R) return 1;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
 
   auto rotate = [&](const float *x, const float *c, const float *s, float factor, float *y) {
