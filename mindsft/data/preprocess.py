@@ -146,15 +146,9 @@ def cut_conversations(ids, learned, lengths, seq_length, drop_overlong=False):
 
 
 def pad_rows(ids, labels, lengths, seq_length, pad_id):
-    """`pad_record` of many records given as flat arrays: {column: [records, seq_length + 1]}."""
-    length = record_length(seq_length)
-    inside = np.arange(length) < lengths[:, None]
-    input_ids = np.full((len(lengths), length), pad_id, dtype=np.int32)
-    padded_labels = np.full((len(lengths), length), IGNORE_INDEX, dtype=np.int32)
-    # A boolean mask fills row by row, the order the records lie in the flat arrays.
-    input_ids[inside] = ids
-    padded_labels[inside] = labels
-    return RowBlock({"input_ids": input_ids, "labels": padded_labels})
+    """`pad_record` of many records given as flat arrays, as a `RowBlock` the writer pads."""
+    return RowBlock.padded({"input_ids": ids, "labels": labels}, lengths, record_length(seq_length),
+                           {"input_ids": pad_id, "labels": IGNORE_INDEX})
 
 
 def pad_record(ids, labels, seq_length, pad_id):
