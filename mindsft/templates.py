@@ -10,6 +10,7 @@ Messages are `[{"role": "user" | "assistant" | "system", "content": str}]`: an o
 message first, then user and assistant turns alternating, starting with the user. The `hf`
 template also takes what its jinja template reads (tools, tool calls, reasoning).
 """
+import functools
 import json
 import os
 import typing
@@ -204,8 +205,10 @@ class RawTemplate(Template):
         return out
 
 
+@functools.lru_cache(maxsize=None)
 def _header(role):
-    """Llama 3's `<|start_header_id|>role<|end_header_id|>\n\n`."""
+    """Llama 3's `<|start_header_id|>role<|end_header_id|>\n\n` (segments are immutable: one list
+    per role, copied by the `+` that uses it)."""
     return [Segment(special="<|start_header_id|>"), Segment(role),
             Segment(special="<|end_header_id|>"), Segment("\n\n")]
 
@@ -557,7 +560,7 @@ def chunk_texts(tokenizer, segments_list):
 
 def encode_chunk_texts(tokenizer, texts):
     if tokenizer.parses_special_text:
-        return tokenizer.encode_spans_flat([text for text, _ in texts])
+        return tokenizer.encode_in_library([text for text, _ in texts])
     pairs = encode_segment_batch(tokenizer, texts)
     lengths = np.fromiter((len(ids) for ids, _ in pairs), np.int64, len(pairs))
     if not pairs:
@@ -570,7 +573,7 @@ def chunk_arrays(tokenizer, texts, encoded):
     """(ids, learned flags, token counts) of a chunk from `encode_chunk_texts`'s result."""
     if not tokenizer.parses_special_text:
         return encoded
-    ids, begins, ends, lengths, starts = encoded
+    ids, begins, ends, lengths, starts = tokenizer.encode_spans_flat([text for text, _ in texts], encoded)
     spans = [(start + begin, start + end)
              for start, (_, text_spans) in zip(starts.tolist(), texts) for begin, end in text_spans]
     return ids.astype(np.int32), _stream_overlap_mask(begins, ends, spans), lengths

@@ -92,20 +92,26 @@ def compressed_pieces(values, lengths, row_length, pad=0):
     # Positions past row_length (spare slots of the last bitmap byte) keep code 0, as in the C++.
     pad_codes = np.full((1, groups * 4), pad_code, np.uint8)
     pad_codes[:, row_length:] = 0
-    # Bitmap bytes are computed as far as the longest row reaches; past it they are all padding.
-    reach = min(groups, -(-int(lengths.max(initial=0)) // 4))
-    row_codes = np.repeat(pad_codes[:, :reach * 4], len(lengths), axis=0)
-    row_codes[np.arange(reach * 4) < lengths[:, None]] = codes
-    bitmaps = memoryview(_bitmap(row_codes).tobytes())
-    bitmap_tail = _bitmap(pad_codes)[0, reach:].tobytes()
+    pad_bitmap = memoryview(_bitmap(pad_codes).tobytes())
+    # Each row's codes padded to whole bitmap bytes, the rows one after another: its first
+    # ceil(length / 4) bitmap bytes; the rest of its bitmap is the padding's.
+    token_groups = -(-lengths // 4)
+    group_ends = np.cumsum(token_groups)
+    row_codes = np.full(int(group_ends[-1]) * 4 if len(lengths) else 0, pad_code, np.uint8)
+    row_codes[np.arange(len(values)) + np.repeat((group_ends - token_groups) * 4 - (np.cumsum(lengths) - lengths),
+                                                 lengths)] = codes
+    for row in np.flatnonzero(token_groups * 4 > row_length):
+        row_codes[(group_ends[row] - token_groups[row]) * 4 + row_length:group_ends[row] * 4] = 0
+    bitmaps = memoryview(_bitmap(row_codes.reshape(1, -1)).tobytes())
     pad_width = 1 << pad_code
     padding = memoryview(np.int32(pad).tobytes()[:pad_width] * row_length)
     count = int(row_length).to_bytes(4, "big")
     fixed = 4 + groups
     return [(fixed + end - start + (row_length - length) * pad_width,
-             (count, bitmaps[row * reach:(row + 1) * reach], bitmap_tail, data[start:end],
+             (count, bitmaps[group_end - used:group_end], pad_bitmap[used:], data[start:end],
               padding[:(row_length - length) * pad_width]))
-            for row, (start, end, length) in enumerate(zip(byte_starts.tolist(), byte_ends.tolist(), lengths.tolist()))]
+            for start, end, length, used, group_end in zip(byte_starts.tolist(), byte_ends.tolist(), lengths.tolist(),
+                                                          token_groups.tolist(), group_ends.tolist())]
 
 
 def compressed_rows(values, lengths, row_length, pad=0):
