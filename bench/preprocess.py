@@ -10,11 +10,11 @@ faster than its Python LlamaTokenizer: the ratios are conservative.
 transformers user would do it per record (AutoTokenizer, apply_chat_template for the whole
 conversation and for the prompt before each reply, to mask it), written by the same writer; plus
 mindsft's SentencePiece run on the same records for comparison, and a floor: a minimal
-tokenizer.json pipeline, one step after another, (read the alpaca JSON, render each record by f-string as the
-llama3 template lays out its Alpaca prompt, load the tokenizer, encode chunks of 256 in the library's threads, write the padded ids as input_ids and
-labels with the same writer: no conversion file, no checks, no label masks, the same 4.24M
-tokens). It shows what the tokenizer and the writer alone cost on this machine, not a method to
-compare against.
+tokenizer.json pipeline, one step after another (read the alpaca JSON, render each record by
+f-string as the llama3 template lays out its Alpaca prompt, load the tokenizer, encode chunks of
+256 in the library's threads, write the padded ids as input_ids and labels with the same writer:
+no conversion file, no checks, no label masks, the same 4.24M tokens). It shows what the
+tokenizer and the writer alone cost on this machine; it is not a method to compare against.
 
     python bench/preprocess.py [--records 20000] [--seq_length 2048] [--tokenizer json]
 """
