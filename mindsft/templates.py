@@ -601,20 +601,24 @@ def _encode_as_one_text(tokenizer, segments):
 
 def _one_text(tokenizer, segments):
     """The conversation as one text (special tokens written as text) and its learned byte spans."""
-    pieces, spans, offset = [], [], 0
+    pieces, learned = [], []
     for segment in segments:
         text = segment.text if segment.special is None else tokenizer.special_text(segment.special)
-        if not text:
-            continue
-        size = len(text.encode("utf-8"))
-        if segment.learned:
+        if text:
+            pieces.append(text)
+            learned.append(segment.learned)
+    joined = "".join(pieces)
+    # An ASCII text has a byte per character: no piece needs encoding to be measured.
+    sizes = map(len, pieces) if joined.isascii() else (len(text.encode("utf-8")) for text in pieces)
+    spans, offset = [], 0
+    for size, is_learned in zip(sizes, learned):
+        if is_learned:
             if spans and spans[-1][1] == offset:
                 spans[-1] = (spans[-1][0], offset + size)
             else:
                 spans.append((offset, offset + size))
-        pieces.append(text)
         offset += size
-    return "".join(pieces), spans
+    return joined, spans
 
 
 def overlap_mask(begins, ends, spans):
