@@ -271,9 +271,10 @@ def _checked_tokenizer(options):
 
 @contextlib.contextmanager
 def _workers(options):
-    """(tokenizer, template, map(task, chunks) that keeps the order): in this process, or in a pool
-    of `num_workers` started first, so they load the tokenizer while this process loads and checks
-    its own and reads the input. The output does not depend on which."""
+    """(tokenizer, template, map(task, chunks) that keeps the order): in this process (a
+    tokenizer.json's encoding in a thread beside it), or in a pool of `num_workers` started first,
+    so they load the tokenizer while this process loads and checks its own and reads the input.
+    The output does not depend on which."""
     init_args = (options.model_file, options.template, options.tokenizer_config,
                  options.seq_length, options.drop_overlong)
     # A tokenizer.json is encoded here: the `tokenizers` library spreads each chunk over the cores on
