@@ -231,11 +231,17 @@ class _CompressedRowWriter:
             _set_int_schema(path, self.schema, max(0, self.raw_size - self.stored_size))
             # FileWriter leaves its files readable by their owner only.
             os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        from mindspore.mindrecord.config import _get_enc_key, _get_enc_mode, encrypt
         generator = ShardIndexGenerator(os.path.realpath(self.writer._paths[0]), False)
         generator.build()
         generator.write_to_db()
         for path in self.writer._paths:
             os.chmod(path + ".db", stat.S_IRUSR | stat.S_IWUSR)
+        # As FileWriter.commit: encrypted when the user set MindRecord's encryption key.
+        if _get_enc_key() is not None:
+            for path in self.writer._paths:
+                encrypt(path, _get_enc_key(), _get_enc_mode())
+                encrypt(path + ".db", _get_enc_key(), _get_enc_mode())
 
 
 def _set_int_schema(path, schema, compression_size):
