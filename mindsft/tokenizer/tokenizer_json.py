@@ -172,7 +172,10 @@ class JsonTokenizer(Tokenizer):
     def encode_in_library(self, texts):
         """The library's encodings of `texts` in one call, which does not hold the GIL; None where
         `encode_spans_flat` takes the library's offsets text by text."""
-        if self._token_bytes is None or not all(map(self._text_unchanged, texts)):
+        # Before the vocabulary's byte lengths are known (a thread encodes the first chunk while they
+        # are built), the encodings are made without offsets: a model found not byte-level is
+        # encoded again, text by text, with them.
+        if self._lengths is False or not all(map(self._text_unchanged, texts)):
             return None
         # encode_batch_fast (tokenizers >= 0.21) skips the offsets this path does not read.
         encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
@@ -183,7 +186,7 @@ class JsonTokenizer(Tokenizer):
         lengths when every text's lengths add up to its bytes (else text by text)."""
         text_bytes = [len(text.encode("utf-8")) for text in texts]
         encodings = self.encode_in_library(texts) if encoded is None else encoded
-        if encodings is None:
+        if encodings is None or self._token_bytes is None:
             return concatenated_spans(self.encode_spans_batch(texts), text_bytes)
         id_lists = [encoding.ids for encoding in encodings]
         lengths = np.fromiter(map(len, id_lists), np.int64, len(id_lists))
