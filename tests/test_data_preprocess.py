@@ -203,24 +203,62 @@ def test_write_mindrecord_is_readable_and_checks_columns(tmp_path):
     assert not list(tmp_path.glob("y.mindrecord*"))
 
 
-def test_rows_read_back_as_mindrecords_own_writer_writes_them(tmp_path):
-    """write_mindrecord hands prebuilt rows to MindRecord's C++ writer; MindDataset reads the same
-    arrays as from a file written through FileWriter's public write_raw_data."""
+def _public_write(path, rows, dataset_type, packed=False, batch=512):
     from mindspore.mindrecord import FileWriter
     from mindsft.data.schema import mindrecord_schema
-    rng = np.random.default_rng(0)
-    rows = [{"input_ids": rng.integers(0, 32000, 9, dtype=np.int32),
-             "labels": rng.integers(-100, 32000, 9, dtype=np.int32)} for _ in range(7)]
-    write_mindrecord(iter(rows), tmp_path / "ours.mindrecord", "qa")
-    writer = FileWriter(str(tmp_path / "public.mindrecord"), shard_num=1, overwrite=True)
-    writer.add_schema(mindrecord_schema("qa"), "qa")
-    writer.write_raw_data(rows)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    writer = FileWriter(str(path), shard_num=1, overwrite=True)
+    writer.add_schema(mindrecord_schema(dataset_type, packed), dataset_type)
+    for start in range(0, len(rows), batch):
+        writer.write_raw_data(rows[start:start + batch])
     writer.commit()
-    ours, public = read_mindrecord(tmp_path / "ours.mindrecord"), read_mindrecord(tmp_path / "public.mindrecord")
-    assert len(ours) == len(public) == 7
-    for got, expected, row in zip(ours, public, rows):
-        for column in ("input_ids", "labels"):
-            assert got[column].tolist() == expected[column].tolist() == row[column].tolist()
+
+
+# Values at every edge of MindRecord's 1/2/4-byte integer widths.
+WIDTH_EDGES = np.array([-2**31, -32769, -32768, -32767, -129, -128, -127, -100, -1, 0, 1, 127, 128, 32767, 32768,
+                        128004, 2**31 - 1], np.int32)
+
+
+@pytest.mark.parametrize("row_length,rows,pad", [(7, 5, 128004), (8, 600, 0), (9, 1100, -5), (2049, 300, 128004)])
+def test_rows_are_written_as_filewriter_writes_them_byte_for_byte(tmp_path, row_length, rows, pad):
+    """write_mindrecord compresses the rows itself and hands them to MindRecord's C++ writer: the
+    files equal FileWriter's public write_raw_data output byte for byte, from padded blocks, dense
+    blocks and single records alike, at every integer width."""
+    from mindsft.data.mindrecord import RowBlock
+    rng = np.random.default_rng(row_length)
+    lengths = rng.integers(1, row_length + 1, rows)
+    ids = rng.choice(WIDTH_EDGES, lengths.sum()) if row_length < 100 else rng.integers(0, 128256, lengths.sum())
+    ids = ids.astype(np.int32)
+    labels = np.where(rng.random(len(ids)) < 0.5, IGNORE, ids).astype(np.int32)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    padded = [{"input_ids": np.concatenate([ids[s:s + n], np.full(row_length - n, pad, np.int32)]),
+               "labels": np.concatenate([labels[s:s + n], np.full(row_length - n, IGNORE, np.int32)])}
+              for s, n in zip(starts, lengths)]
+    _public_write(tmp_path / "public/d.mindrecord", padded, "qa")
+    blocks = [RowBlock.padded({"input_ids": ids[starts[i]:starts[i] + lengths[i:i + 256].sum()],
+                               "labels": labels[starts[i]:starts[i] + lengths[i:i + 256].sum()]},
+                              lengths[i:i + 256], row_length, {"input_ids": pad, "labels": IGNORE})
+              for i in range(0, rows, 256)]
+    dense = [RowBlock({c: np.stack([r[c] for r in padded[i:i + 100]]) for c in ("input_ids", "labels")})
+             for i in range(0, rows, 100)]
+    expected = [(tmp_path / "public" / name).read_bytes() for name in ("d.mindrecord", "d.mindrecord.db")]
+    for way, records in (("padded", blocks), ("dense", dense), ("records", padded)):
+        write_mindrecord(iter(records), tmp_path / way / "d.mindrecord", "qa")
+        assert [(tmp_path / way / name).read_bytes() for name in ("d.mindrecord", "d.mindrecord.db")] == expected, way
+
+
+def test_single_column_and_packed_rows_are_written_as_filewriter_writes_them(tmp_path):
+    rng = np.random.default_rng(0)
+    wiki = [{"input_ids": rng.choice(WIDTH_EDGES, 33)} for _ in range(40)]
+    packed = [{"input_ids": rng.choice(WIDTH_EDGES, 33), "labels": rng.choice(WIDTH_EDGES, 33),
+               "actual_seq_len": rng.choice(WIDTH_EDGES, int(rng.integers(1, 6)))} for _ in range(40)]
+    for name, rows, dataset_type, is_packed in (("wiki", wiki, "wiki", False), ("packed", packed, "qa", True)):
+        _public_write(tmp_path / "public" / name / "d.mindrecord", rows, dataset_type, is_packed)
+        write_mindrecord(iter(rows), tmp_path / "ours" / name / "d.mindrecord", dataset_type, packed=is_packed)
+        for file in ("d.mindrecord", "d.mindrecord.db"):
+            assert (tmp_path / "ours" / name / file).read_bytes() == (tmp_path / "public" / name / file).read_bytes()
+    for got, row in zip(read_mindrecord(tmp_path / "ours" / "packed" / "d.mindrecord"), packed):
+        assert all(got[column].tolist() == row[column].tolist() for column in row)
 
 
 def test_cli_runs_and_reports(sample, tmp_path):

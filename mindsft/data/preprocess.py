@@ -16,8 +16,11 @@ does not depend on the number of workers.
 qa data may mix several sources (`mindsft.data.mixing`) and set records aside for evaluation
 (`val_size`, `mindsft.data.split`): then two outputs are written, the eval one first.
 """
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import gc
 import itertools
 import json
@@ -37,7 +40,8 @@ from mindsft.data.packing import pack_samples
 from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, record_length
 from mindsft.errors import ConfigError, DataError, MindsftError
 from mindsft.files import atomic_output, check_output_path
-from mindsft.templates import check_template_tokens, encode_segment_arrays, encode_segment_chunk, get_template
+from mindsft.templates import (check_template_tokens, chunk_arrays, chunk_texts, encode_chunk_texts,
+                               encode_segment_arrays, get_template)
 from mindsft.tokenizer import load_tokenizer, tokenizer_file
 
 CHUNK_RECORDS = 256  # records per worker task: 64 measured ~10% slower with 2 workers (pickling, IPC)
@@ -146,15 +150,9 @@ def cut_conversations(ids, learned, lengths, seq_length, drop_overlong=False):
 
 
 def pad_rows(ids, labels, lengths, seq_length, pad_id):
-    """`pad_record` of many records given as flat arrays: {column: [records, seq_length + 1]}."""
-    length = record_length(seq_length)
-    inside = np.arange(length) < lengths[:, None]
-    input_ids = np.full((len(lengths), length), pad_id, dtype=np.int32)
-    padded_labels = np.full((len(lengths), length), IGNORE_INDEX, dtype=np.int32)
-    # A boolean mask fills row by row, the order the records lie in the flat arrays.
-    input_ids[inside] = ids
-    padded_labels[inside] = labels
-    return RowBlock({"input_ids": input_ids, "labels": padded_labels})
+    """`pad_record` of many records given as flat arrays, as a `RowBlock` the writer pads."""
+    return RowBlock.padded({"input_ids": ids, "labels": labels}, lengths, record_length(seq_length),
+                           {"input_ids": pad_id, "labels": IGNORE_INDEX})
 
 
 def pad_record(ids, labels, seq_length, pad_id):
@@ -195,9 +193,22 @@ def _worker_tokenizer(template_too=False):
     return _WORKER["tokenizer"]
 
 
-def _qa_task(chunk):
-    """Worker: [(file, index, raw record)] -> ([(file, index, outcome, error or None)] in order,
-    (input_ids, labels, lengths) of the records kept, flat and unpadded)."""
+class _StagedTask:
+    """A chunk task as three stages, prepare -> encode -> finish, so that a thread can run the
+    tokenizer's (which does not hold the GIL) while this one prepares and finishes other chunks;
+    called whole in a worker process."""
+
+    def __init__(self, prepare, encode, finish):
+        self.prepare, self.encode, self.finish = prepare, encode, finish
+
+    def __call__(self, chunk):
+        prepared = self.prepare(chunk)
+        return self.finish(prepared, self.encode(prepared))
+
+
+def _qa_prepare(chunk):
+    """[(file, index, raw record)] -> (chunk, outcomes with errors filled in, positions laid out,
+    what the tokenizer encodes: segments, or a tokenizer.json's texts and learned spans)."""
     tokenizer, template = _worker_tokenizer(template_too=True), _WORKER["template"]
     outcomes, segments, laid_out = [None] * len(chunk), [], []
     for position, (path, index, raw) in enumerate(chunk):
@@ -207,16 +218,30 @@ def _qa_task(chunk):
             outcomes[position] = (path, index, "error", str(err))
             continue
         laid_out.append(position)
-    # The chunk is encoded in one call (a tokenizer.json encodes a batch ~20% faster than one by
-    # one) and cut as flat arrays: per-record numpy calls took ~1 s of 21k records. Unpadded
-    # arrays cross the process boundary: padding here would send ~8x the bytes.
-    ids, learned, lengths = encode_segment_chunk(tokenizer, segments)
+    return chunk, outcomes, laid_out, chunk_texts(tokenizer, segments)
+
+
+def _qa_encode(prepared):
+    # The chunk is encoded in one call: a tokenizer.json encodes a batch ~20% faster than one by one.
+    return encode_chunk_texts(_worker_tokenizer(), prepared[-1])
+
+
+def _qa_finish(prepared, encoded):
+    """-> ([(file, index, outcome, error or None)] in order, (input_ids, labels, lengths) of the
+    records kept, flat and unpadded)."""
+    chunk, outcomes, laid_out, texts = prepared
+    # Cut as flat arrays: per-record numpy calls took ~1 s of 21k records. Unpadded arrays cross the
+    # process boundary: padding here would send ~8x the bytes.
+    ids, learned, lengths = chunk_arrays(_worker_tokenizer(), texts, encoded)
     ids, labels, kept_lengths, cut = cut_conversations(ids, learned, lengths, _WORKER["seq_length"],
                                                        _WORKER["drop_overlong"])
     for position, outcome in zip(laid_out, cut):
         path, index, _ = chunk[position]
         outcomes[position] = (path, index, outcome, None)
     return outcomes, (ids, labels, kept_lengths)
+
+
+_qa_task = _StagedTask(_qa_prepare, _qa_encode, _qa_finish)
 
 
 def _wiki_task(chunk):
@@ -246,9 +271,10 @@ def _checked_tokenizer(options):
 
 @contextlib.contextmanager
 def _workers(options):
-    """(tokenizer, template, map(task, chunks) that keeps the order): in this process, or in a pool
-    of `num_workers` started first, so they load the tokenizer while this process loads and checks
-    its own and reads the input. The output does not depend on which."""
+    """(tokenizer, template, map(task, chunks) that keeps the order): in this process (a
+    tokenizer.json's encoding in a thread beside it), or in a pool of `num_workers` started first,
+    so they load the tokenizer while this process loads and checks its own and reads the input.
+    The output does not depend on which."""
     init_args = (options.model_file, options.template, options.tokenizer_config,
                  options.seq_length, options.drop_overlong)
     # A tokenizer.json is encoded here: the `tokenizers` library spreads each chunk over the cores on
@@ -257,12 +283,39 @@ def _workers(options):
     if options.num_workers == 1 or tokenizer_file(options.model_file).endswith(".json"):
         tokenizer, template = _checked_tokenizer(options)
         _init_worker(*init_args, tokenizer=tokenizer)
-        yield tokenizer, template, map
+        if not tokenizer.parses_special_text:
+            yield tokenizer, template, map
+            return
+        # The library encodes without holding the GIL: a thread tokenizes the next chunks while this
+        # one compresses and writes the last (one process, so no second copy of the tokenizer).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            yield tokenizer, template, functools.partial(_map_ahead, pool)
         return
     # fork would copy MindSpore's threads; spawn workers that import only what they need.
     context = multiprocessing.get_context("spawn")
     with context.Pool(options.num_workers, initializer=_init_worker, initargs=init_args) as pool:
         yield (*_checked_tokenizer(options), pool.imap)
+
+
+def _map_ahead(pool, task, items, ahead=2):
+    """map(task, items) in order: a `_StagedTask`'s encode stage runs in `pool`, `ahead` chunks
+    ahead, while this thread prepares the next chunks and finishes (and the caller writes) the last."""
+    if not isinstance(task, _StagedTask):
+        task = _StagedTask(lambda item: item, task, lambda item, result: result)
+    pending = collections.deque()
+    try:
+        for item in items:
+            prepared = task.prepare(item)
+            pending.append((prepared, pool.submit(task.encode, prepared)))
+            if len(pending) > ahead:
+                prepared, future = pending.popleft()
+                yield task.finish(prepared, future.result())
+        while pending:
+            prepared, future = pending.popleft()
+            yield task.finish(prepared, future.result())
+    finally:
+        for _, future in pending:
+            future.cancel()
 
 
 @contextlib.contextmanager

@@ -43,10 +43,15 @@ class Tokenizer:
         Spans are non-decreasing and end at the text's length, so a label mask can be cut on them."""
         raise NotImplementedError
 
-    def encode_spans_flat(self, texts):
+    def encode_in_library(self, texts):
+        """The first half of `encode_spans_flat`: what the tokenizer library computes for `texts`,
+        without holding the GIL where it can (a thread may run it while another finishes a chunk)."""
+        return None
+
+    def encode_spans_flat(self, texts, encoded=None):
         """(ids, begins, ends, lengths, starts): `encode_spans` of each text, the texts one after
         another as one stream: spans count bytes from the start of the first text, text k starts at
-        byte starts[k] and has lengths[k] tokens."""
+        byte starts[k] and has lengths[k] tokens. `encoded`: `encode_in_library(texts)`, if run."""
         encoded = [self.encode_spans(text) for text in texts]
         return concatenated_spans(encoded, [len(text.encode("utf-8")) for text in texts])
 
