@@ -261,3 +261,14 @@ def test_decode_attention_equals_the_step_written_out_in_numpy():
     np.testing.assert_allclose(new_keys.asnumpy(), want_keys, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(new_values.asnumpy(), want_values)
     np.testing.assert_allclose(out.asnumpy(), want_out, rtol=1e-5, atol=1e-6)
+
+
+def test_rms_norm_rows_equals_the_norm_cell():
+    from mindsft.models.llama import RMSNorm
+    norm = RMSNorm(96, 1e-6, LlamaConfig(hidden_size=96, num_layers=1, num_heads=4, vocab_size=64))
+    if norm.fused_rows is None:
+        pytest.skip("no C++ compiler")
+    rng = np.random.default_rng(4)
+    norm.weight.set_data(Tensor(rng.standard_normal(96).astype(np.float32)))
+    x = Tensor((rng.standard_normal((5, 1, 96)) * 3).astype(np.float32))
+    np.testing.assert_allclose(norm.decode_rows(x).asnumpy(), norm(x).asnumpy(), rtol=1e-6, atol=1e-6)

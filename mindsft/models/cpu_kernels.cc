@@ -787,3 +787,25 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
                     [](void *context, int64_t task) { (*static_cast<decltype(body) *>(context))(task); }, &body);
   return 0;
 }
+
+// RMSNorm of a decode step's few rows, forward only: x [M, D], weight [D], eps [1] -> y [M, D],
+// y = x / sqrt(mean(x^2) + eps) * weight (the mean accumulated in double).
+extern "C" int RmsNormRows(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  const int64_t D = shapes[0][ndims[0] - 1];
+  int64_t M = 1;
+  for (int i = 0; i < ndims[0] - 1; i++) M *= shapes[0][i];
+  const float *x = static_cast<const float *>(params[0]);
+  const float *weight = static_cast<const float *>(params[1]);
+  const float eps = static_cast<const float *>(params[2])[0];
+  float *y = static_cast<float *>(params[3]);
+  for (int64_t m = 0; m < M; m++) {
+    const float *row = x + m * D;
+    double squares = 0.0;
+    for (int64_t d = 0; d < D; d++) squares += static_cast<double>(row[d]) * row[d];
+    const float scale = 1.0f / std::sqrt(static_cast<float>(squares / D) + eps);
+    for (int64_t d = 0; d < D; d++) y[m * D + d] = weight[d] * (row[d] * scale);
+  }
+  return 0;
+}

@@ -263,3 +263,16 @@ def decode_attention():
             out_shape=lambda q, k, v, cos, sin, mask, slot, rows, key_cache, value_cache: (q, key_cache, value_cache),
             out_dtype=lambda q, k, v, cos, sin, mask, slot, rows, key_cache, value_cache: (q, q, q))
     return _OPS["decode_attention"]
+
+
+def rms_norm_rows():
+    """The op (x [..., D], weight [D], eps [1]) -> RMSNorm(x) · weight, fp32, no gradient: a decode
+    step's norms (MindSpore's ops run it as ~7 small ops). None where the kernels do not apply."""
+    path = _kernel_library()
+    if path is None:
+        return None
+    if "rms_norm_rows" not in _OPS:
+        from mindspore import ops
+        _OPS["rms_norm_rows"] = ops.Custom(f"{path}:RmsNormRows", func_type="aot",
+                                           out_shape=lambda x, weight, eps: x, out_dtype=lambda x, weight, eps: x)
+    return _OPS["rms_norm_rows"]

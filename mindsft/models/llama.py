@@ -15,7 +15,7 @@ from mindspore.common.initializer import Normal, One, initializer
 
 from mindsft.models.config import LlamaConfig  # noqa: F401 - the one config the network is built from
 from mindsft.models.cpu_kernels import (FEW_ROWS, causal_attention, cross_entropy, decode_attention, few_rows_linear,
-                                        packed_attention)
+                                        packed_attention, rms_norm_rows)
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -167,6 +167,16 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.eps = eps
         self.weight = Parameter(initializer(One(), [dim], DTYPES[config.param_init_type]), name="weight")
+        # A decode step's rows in one op (CPU, fp32, no gradient); None elsewhere.
+        fp32 = DTYPES[config.compute_dtype] == ms.float32 and DTYPES[config.param_init_type] == ms.float32
+        self.fused_rows = rms_norm_rows() if fp32 else None
+        self.eps_tensor = Tensor(np.array([eps], np.float32))
+
+    def decode_rows(self, x):
+        """The same norm for a decode step (no gradient), through the fused op where there is one."""
+        if self.fused_rows is None:
+            return self.construct(x)
+        return self.fused_rows(x, self.weight, self.eps_tensor)
 
     def construct(self, x):
         input_dtype = x.dtype
@@ -309,9 +319,9 @@ class DecoderLayer(nn.Cell):
 
     def construct_decode(self, x, cos, sin, mask, slot, rows, key_cache, value_cache):
         attended, key_cache, value_cache = self.attention.construct_decode(
-            self.attention_norm(x), cos, sin, mask, slot, rows, key_cache, value_cache)
+            self.attention_norm.decode_rows(x), cos, sin, mask, slot, rows, key_cache, value_cache)
         h = x + attended
-        return h + self.feed_forward(self.ffn_norm(h)), key_cache, value_cache
+        return h + self.feed_forward(self.ffn_norm.decode_rows(h)), key_cache, value_cache
 
 
 class LlamaModel(nn.Cell):
@@ -424,7 +434,7 @@ class LlamaModel(nn.Cell):
             h, key_cache, value_cache = self.layers[index].construct_decode(
                 h, cos, sin, mask, slot, rows, caches[2 * index], caches[2 * index + 1])
             new_caches = new_caches + (key_cache, value_cache)
-        return self.norm_out(h), new_caches
+        return self.norm_out.decode_rows(h), new_caches
 
 
 class LlamaForCausalLM(nn.Cell):
