@@ -5,7 +5,8 @@ generate, greedy and with beam search, on the same random weights, in one proces
 
 Decode tokens/s counts the tokens after the first (the first comes from the prefill) over the
 time after the prefill; with beam search every beam's tokens count (batch x beams a step).
-Every run is warmed up first so compilation is not counted.
+Every run is warmed up first so compilation is not counted; mindsft's and transformers' timed runs
+take turns, so that a drift of the machine's speed falls on both.
 """
 import argparse
 import os
@@ -37,8 +38,8 @@ def build_models(args):
     return hf, ours
 
 
-def time_hf(hf, prompts, new_tokens, repeats, num_beams=1):
-    """Seconds of a generate of `new_tokens` and of a generate of 1 token (the prefill)."""
+def hf_runner(hf, prompts, num_beams=1):
+    """run(n) -> (seconds, output ids) of transformers' generate of exactly n new tokens."""
     ids = torch.tensor(prompts)
 
     def run(n):
@@ -47,11 +48,25 @@ def time_hf(hf, prompts, new_tokens, repeats, num_beams=1):
             out = hf.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
                               num_beams=num_beams)
             return time.perf_counter() - start, out
+    return run
 
-    run(new_tokens)
-    full = min(run(new_tokens)[0] for _ in range(repeats))
-    prefill = min(run(1)[0] for _ in range(repeats))
-    return full, prefill, run(new_tokens)[1][:, len(prompts[0]):].tolist()
+
+def time_side_by_side(generator, prompts, config, hf, num_beams, repeats):
+    """mindsft's best run and transformers' best generate of all new tokens and of one (its
+    prefill), the two taking turns: the machine's speed drifts over a run (its memory bandwidth is
+    shared), and turns give both the same moments. Each is warmed up (compiled) first."""
+    run = hf_runner(hf, prompts, num_beams)
+    generator.generate(prompts, config)
+    run(config.max_new_tokens)
+    ours, full, prefill = None, float("inf"), float("inf")
+    for _ in range(repeats):
+        out = generator.generate(prompts, config)
+        if ours is None or out.decode_tokens_per_second > ours.decode_tokens_per_second:
+            ours = out
+        full = min(full, run(config.max_new_tokens)[0])
+        prefill = min(prefill, run(1)[0])
+    hf_tokens = run(config.max_new_tokens)[1][:, len(prompts[0]):].tolist()
+    return ours, full, prefill, hf_tokens
 
 
 def time_ours(generator, prompts, config, use_cache, repeats):
@@ -72,7 +87,8 @@ def main():
     parser.add_argument("--new", type=int, default=32, help="new tokens per prompt")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--beams", type=int, default=4, help="num_beams of the beam search rows (1: none)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best kept)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per setting, mindsft and transformers taking turns (best kept)")
     args = parser.parse_args()
 
     hf, ours = build_models(args)
@@ -85,9 +101,8 @@ def main():
     print(f"model: hidden {args.hidden}, layers {args.layers}, heads {args.heads}/{args.kv_heads} kv, "
           f"vocab {args.vocab}; batch {args.batch}, prompt {args.prompt}, new {args.new}; "
           f"torch threads {torch.get_num_threads()}")
-    cached = time_ours(generator, prompts, config, True, args.repeats)
+    cached, hf_full, hf_prefill, hf_tokens = time_side_by_side(generator, prompts, config, hf, 1, args.repeats)
     recomputed = time_ours(generator, prompts, config, False, args.repeats)
-    hf_full, hf_prefill, hf_tokens = time_hf(hf, prompts, args.new, args.repeats)
     hf_decode_rate = args.batch * (args.new - 1) / (hf_full - hf_prefill)
     hf_prefill_rate = args.batch * args.prompt / hf_prefill
 
@@ -106,8 +121,8 @@ def main():
 
 def time_beam_search(args, hf, generator, prompts, config):
     beam_config = config.updated(num_beams=args.beams)
-    beam = time_ours(generator, prompts, beam_config, True, args.repeats)
-    hf_full, hf_prefill, hf_tokens = time_hf(hf, prompts, args.new, args.repeats, num_beams=args.beams)
+    beam, hf_full, hf_prefill, hf_tokens = time_side_by_side(generator, prompts, beam_config, hf, args.beams,
+                                                             args.repeats)
     hf_decode_rate = args.batch * args.beams * (args.new - 1) / (hf_full - hf_prefill)
     print(f"beam search, num_beams {args.beams} (decode tokens/s counts every beam):")
     print(f"{'mindsft, KV cache':24s} {beam.decode_tokens_per_second:13.1f} tok/s "
