@@ -540,19 +540,15 @@ def encode_segment_batch(tokenizer, segments_list):
             for (ids, begins, ends), (_, spans) in zip(encoded, texts_and_spans)]
 
 
-def encode_segment_chunk(tokenizer, segments_list):
-    """`encode_segment_batch` of a chunk as three flat arrays: ids (int32) and learned flags (bool)
-    of the conversations one after another, and each one's token count (int64). A byte-level
-    tokenizer.json encodes the chunk as one stream of spans, with no arrays per conversation.
-    Three stages (`chunk_texts`, `encode_chunk_texts`, `chunk_arrays`): the middle one is the
-    tokenizer's, which a thread can run while the others run for other chunks."""
-    texts = chunk_texts(tokenizer, segments_list)
-    return chunk_arrays(tokenizer, texts, encode_chunk_texts(tokenizer, texts))
-
-
 def chunk_texts(tokenizer, segments_list):
     """What the tokenizer encodes of a chunk: each conversation's text and learned byte spans (a
-    tokenizer.json), or the segments themselves."""
+    tokenizer.json), or the segments themselves.
+
+    A chunk is encoded in three stages, `chunk_texts` -> `encode_chunk_texts` -> `chunk_arrays`,
+    into three flat arrays: ids (int32) and learned flags (bool) of the conversations one after
+    another, and each one's token count (int64); a byte-level tokenizer.json encodes the chunk as
+    one stream of spans, with no arrays per conversation. The middle stage is the tokenizer's,
+    which a thread can run while the others run for other chunks."""
     if tokenizer.parses_special_text:
         return [_one_text(tokenizer, segments) for segments in segments_list]
     return segments_list

@@ -114,11 +114,6 @@ def compressed_pieces(values, lengths, row_length, pad=0):
                                                           token_groups.tolist(), group_ends.tolist())]
 
 
-def compressed_rows(values, lengths, row_length, pad=0):
-    """MindRecord's compressed bytes of each row (see `compressed_pieces`)."""
-    return [b"".join(pieces) for _, pieces in compressed_pieces(values, lengths, row_length, pad)]
-
-
 def _joined_fields(columns):
     """Row blobs from each field's `compressed_pieces`: a single field bare, several each after its
     byte count (8 bytes, big-endian), as ShardColumn::CompressBlob lays them out."""
@@ -197,7 +192,7 @@ def write_mindrecord(records_iter, output_file, dataset_type, partitions=1, pack
 
 
 class _CompressedRowWriter:
-    """FileWriter's files, from row blobs compressed here (`compressed_rows`).
+    """FileWriter's files, from row blobs compressed here (`compressed_pieces`).
 
     MindRecord's C++ shard writer compresses the blob of a schema with int arrays itself, one
     element at a time. It is given a schema of the same columns as `bytes`, which it stores as
