@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from mindsft.generate import GenerationConfig, Generator  # noqa: E402
-from mindsft.models.build import assign_weights  # noqa: E402
+from mindsft.loading import assign_weights  # noqa: E402
 from mindsft.models.families import hf_to_ms_arrays, model_config_from_hf  # noqa: E402
 from mindsft.models.llama import LlamaForCausalLM  # noqa: E402
 

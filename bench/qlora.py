@@ -98,13 +98,12 @@ def peak_rss_mib():
 def load_float32(config, model_dir):
     """The float32 model built, then each tensor streamed into it (model + one tensor at the peak)."""
     import mindspore as ms
-    from mindsft.convert.peft import open_base_weights
+    from mindsft.weights import float32, open_base_weights
     from mindsft.models.llama import LlamaForCausalLM
-    from mindsft.models.qlora import _read_float32
     model = LlamaForCausalLM(config)
     tensors, _, _ = open_base_weights(model_dir)
     for param in model.get_parameters():
-        param.set_data(ms.Tensor(_read_float32(tensors[param.name])))
+        param.set_data(ms.Tensor(float32(tensors[param.name])))
     return model
 
 
@@ -113,7 +112,7 @@ def run_variant(args):
     import mindspore as ms
     from mindsft.lora import LoraConfig, apply_lora
     from mindsft.models.families import model_config_from_hf
-    from mindsft.models.qlora import Quantization, build_quantized_llama
+    from mindsft.quantized_base import Quantization, build_quantized_llama
     from mindsft.train.step import AdamWUpdate, TrainStep
 
     # 22 layers x 7 adapters: the step's loops over 308 gradients pass MindSpore's default call depth (1000).

@@ -129,7 +129,7 @@ def run_mindsft(args, micro_batches):
     """The trainer's own TrainStep (graph mode, fused CPU kernels) over the epoch's batches."""
     import numpy as np
     import mindspore as ms
-    from mindsft.models.build import assign_weights
+    from mindsft.loading import assign_weights
     from mindsft.models.families import hf_to_ms_arrays
     from mindsft.models.llama import LlamaForCausalLM
     from mindsft.train.step import AdamWUpdate, TrainStep

@@ -127,7 +127,7 @@ def run_mindsft(args):
     import mindspore as ms
     from mindspore import Tensor, nn
 
-    from mindsft.models.build import assign_weights
+    from mindsft.loading import assign_weights
     from mindsft.models.families import hf_to_ms_arrays
     from mindsft.models.llama import LlamaForCausalLM
     from mindsft.train.step import AdamWUpdate, TrainStep

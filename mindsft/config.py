@@ -19,7 +19,9 @@ from mindsft.generation_config import GenerationConfig
 from mindsft.lora_config import LoraConfig
 from mindsft.models.config import SHAPE_KEYS, LlamaConfig
 from mindsft.models.families import family_of, family_of_arch, model_config_from_hf
+from mindsft.quant import QUANT_TYPES, QUANTIZATION_BITS, QUANTIZATION_METHODS
 from mindsft.typed import build, coerce, nearest_hint, unwrap_optional
+from mindsft.weights import find_model_config
 
 RUN_MODES = ("train", "finetune", "eval", "predict")
 LR_SCHEDULES = ("CosineWithWarmUpLR", "LinearWithWarmUpLR", "ConstantWarmUpLR", "constant")
@@ -246,7 +248,7 @@ class RunConfig:
     lora_alpha: Optional[float] = None
     lora_dropout: Optional[float] = None
     lora_target: Optional[Any] = None
-    # QLoRA: LLaMA-Factory spellings; the base is quantized while it loads (mindsft.models.qlora).
+    # QLoRA: LLaMA-Factory spellings; the base is quantized while it loads (mindsft.quantized_base).
     quantization_bit: Optional[int] = None
     quantization_type: str = "nf4"
     double_quantization: bool = True
@@ -419,23 +421,6 @@ def no_effect_settings(config):
     return changed
 
 
-def find_model_config(load_checkpoint):
-    """The config file that travels with a checkpoint (`X.ckpt` → `X.config.json`, see
-    convert.model_config_path), or a folder's `config.json`; None when there is none."""
-    from mindsft.convert.convert import model_config_path
-    if not load_checkpoint:
-        return None
-    path = os.fspath(load_checkpoint)
-    if os.path.isfile(path):
-        candidates = [model_config_path(path), os.path.join(os.path.dirname(path), "config.json")]
-    elif os.path.isdir(path):
-        named = sorted(n for n in os.listdir(path) if n.endswith(".config.json"))
-        candidates = [os.path.join(path, "config.json")] + ([os.path.join(path, named[0])] if len(named) == 1 else [])
-    else:
-        return None
-    return next((c for c in candidates if os.path.isfile(c)), None)
-
-
 def read_json_config(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -536,12 +521,12 @@ def validate(config):
 def validate_quantization(config):
     if config.quantization_bit is None:
         return
-    if config.quantization_bit not in (4, 8):
-        raise ConfigError(f"quantization_bit {config.quantization_bit} is not 4 or 8")
-    if config.quantization_type not in ("nf4", "fp4"):
-        raise ConfigError(f"quantization_type {config.quantization_type!r} is not nf4 or fp4"
-                          f"{nearest_hint(config.quantization_type, ('nf4', 'fp4'))}")
-    if config.quantization_method not in ("bitsandbytes", "bnb"):
+    if config.quantization_bit not in QUANTIZATION_BITS:
+        raise ConfigError(f"quantization_bit {config.quantization_bit} is not {' or '.join(map(str, QUANTIZATION_BITS))}")
+    if config.quantization_type not in QUANT_TYPES:
+        raise ConfigError(f"quantization_type {config.quantization_type!r} is not {' or '.join(QUANT_TYPES)}"
+                          f"{nearest_hint(config.quantization_type, QUANT_TYPES)}")
+    if config.quantization_method not in QUANTIZATION_METHODS:
         raise ConfigError(f"quantization_method {config.quantization_method!r}: only bitsandbytes' formats are "
                           "supported")
     if not (config.pet_config or config.finetuning_type == "lora"):

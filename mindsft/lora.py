@@ -96,7 +96,7 @@ def _cell_at(model, dotted):
     return cell
 
 
-def _put_cell(model, full_name, cell):
+def put_cell(model, full_name, cell):
     parent_name, _, attr = full_name.rpartition(".")
     setattr(_cell_at(model, parent_name), attr, cell)
     # A cell set after construction is prefixed with its attribute name only.
@@ -190,7 +190,7 @@ def apply_lora(model, lora_config, seed=0):
         for member, base in zip(packs.get(full_name, (full_name,)), bases):
             rows = (start, start + base.out_features) if full_name in packs else None
             wrapper = LoraQuantizedLinear if isinstance(base, QuantizedLinear) else LoraLinear
-            _put_cell(model, member, wrapper(base, lora_config.scaling, lora_config.dropout, lora_a, lora_b, rows))
+            put_cell(model, member, wrapper(base, lora_config.scaling, lora_config.dropout, lora_a, lora_b, rows))
             start += base.out_features
         # Named last: putting each cell of a pack renamed the shared A and B after that cell.
         lora_a.name, lora_b.name = f"{full_name}.{LORA_A}", f"{full_name}.{LORA_B}"
@@ -234,7 +234,7 @@ def merge_lora(model):
         plain.weight = Parameter(Tensor(weight), name="weight", requires_grad=True)
         if cell.has_bias:
             plain.bias = Parameter(cell.bias.data, name="bias", requires_grad=True)
-        _put_cell(model, full_name, plain)
+        put_cell(model, full_name, plain)
     for param in model.get_parameters():
         param.requires_grad = True
     if hasattr(model, "lora_config"):

@@ -293,7 +293,7 @@ def run(config):
     from mindsft.errors import ConfigError
     from mindsft.tokenizer import load_tokenizer
     import mindspore as ms
-    from mindsft.models.build import build_model, load_start_weights
+    from mindsft.loading import build_model, load_start_weights
 
     if config.predict_data is None:
         raise ConfigError("run_mode predict needs --predict_data (a prompt, a .txt or a .json/.jsonl file)")

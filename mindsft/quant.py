@@ -23,6 +23,22 @@ import numpy as np
 BLOCK_SIZE = 64              # bitsandbytes' 4-bit blocksize (transformers' default)
 NESTED_BLOCK_SIZE = 256      # blocks of the double-quantized absmax
 QUANT_TYPES = ("nf4", "fp4")
+QUANTIZATION_BITS = (4, 8)   # LLaMA-Factory's quantization_bit: bitsandbytes' 4-bit or LLM.int8
+QUANTIZATION_METHODS = ("bitsandbytes", "bnb")
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """LLaMA-Factory's quantization_bit / quantization_type / double_quantization, as the run
+    config validated them (`config.validate_quantization`)."""
+    bits: int
+    quant_type: str = "nf4"
+    double_quant: bool = True
+
+    def describe(self):
+        if self.bits == 8:
+            return "8-bit LLM.int8 rows"
+        return f"4-bit {self.quant_type}" + (", double quantization" if self.double_quant else "")
 
 # bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1), scaled to [-1, 1].
 NF4_CODE = np.array([

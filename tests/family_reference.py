@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import transformers
 
-from mindsft.models.build import assign_weights
+from mindsft.loading import assign_weights
 from mindsft.models.families import config_from_hf, hf_to_ms_arrays
 from mindsft.models.llama import LlamaForCausalLM
 

@@ -5,7 +5,7 @@ import transformers
 
 from mindsft.models.families import hf_to_ms_arrays, model_config_from_hf
 from mindsft.models.llama import LlamaForCausalLM
-from mindsft.models.build import assign_weights
+from mindsft.loading import assign_weights
 
 
 def random_hf_llama(seed=0, **config):

@@ -16,7 +16,7 @@ from mindsft.config import load_run_config
 from mindsft.convert import hf_to_ms, ms_to_hf
 from mindsft.models.families import model_config_from_hf
 from mindsft.models.llama import LlamaForCausalLM
-from mindsft.models.build import assign_weights
+from mindsft.loading import assign_weights
 from tests.conftest import shared_file
 from tests.llama_reference import mindsft_twin, random_batch, random_hf_llama
 

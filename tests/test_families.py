@@ -247,7 +247,7 @@ def test_convert_weight_takes_mindformers_family_names_or_infers_the_family(tmp_
 
 def test_qwen_weights_in_a_llama_config_name_the_flag_to_set():
     from mindsft.errors import ConvertError
-    from mindsft.models.build import assign_weights
+    from mindsft.loading import assign_weights
     from mindsft.models.llama import LlamaForCausalLM
     import dataclasses
     reference = reference_model("qwen3")

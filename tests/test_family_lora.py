@@ -129,7 +129,7 @@ def test_merge_tool_folds_a_w_pack_adapter_into_w_pack_as_peft_merges_it(tmp_pat
     merge_lora(ours)
     input_ids, _ = random_batch(ours.config.vocab_size)
     again = twin("baichuan2", reference)
-    from mindsft.models.build import load_hf_weights
+    from mindsft.loading import load_hf_weights
     load_hf_weights(again, str(tmp_path / "merged"))
     assert np.abs(again(ms.Tensor(input_ids)).asnumpy() - ours(ms.Tensor(input_ids)).asnumpy()).max() <= 1e-5
 

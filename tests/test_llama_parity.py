@@ -11,7 +11,7 @@ from conftest import shared_file
 from llama_reference import mindsft_twin, random_batch, random_hf_llama
 from mindsft.models.families import hf_to_ms_arrays, model_config_from_hf
 from mindsft.models.llama import LlamaForCausalLM
-from mindsft.models.build import assign_weights
+from mindsft.loading import assign_weights
 
 CONFIGS = {
     "multi_head": {},

@@ -12,11 +12,12 @@ import transformers
 
 from llama_reference import mindsft_twin, random_batch, random_hf_llama
 from mindsft.errors import ConfigError, ConvertError
-from mindsft.convert.peft import read_base_weights, read_peft_adapter
+from mindsft.convert.peft import read_peft_adapter
+from mindsft.weights import read_base_weights
 from mindsft.lora import (LORA_A, LORA_B, LoraConfig, adapter_state, apply_lora, load_adapter_state,
                           load_peft_adapter, lora_modules, merge_lora, parameter_report, save_peft_adapter)
 from mindsft.models.llama import LlamaForCausalLM
-from mindsft.models.build import assign_weights
+from mindsft.loading import assign_weights
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 

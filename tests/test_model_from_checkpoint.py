@@ -120,7 +120,7 @@ def test_pretrained_model_dir_gives_the_model_its_config_and_weights(converted, 
     """MindFormers 1.5's HF folder start: the same logits as the converted checkpoint gives."""
     import mindspore as ms
     import numpy as np
-    from mindsft.models.build import build_model, load_start_weights
+    from mindsft.loading import build_model, load_start_weights
     from_folder = load_run_config(shapeless_yaml(tmp_path / "run.yaml"), {"pretrained_model_dir": str(tiny_hf_dir)})
     from_ckpt = load_run_config(shapeless_yaml(tmp_path / "run.yaml"), {"load_checkpoint": str(converted)})
     assert from_folder.model_config == from_ckpt.model_config

@@ -15,7 +15,7 @@ from mindsft.errors import DataError
 from mindsft.metrics import similarity_scores
 from mindsft.models.families import model_config_from_hf
 from mindsft.models.llama import LlamaForCausalLM
-from mindsft.models.build import assign_weights
+from mindsft.loading import assign_weights
 from mindsft.predict import PREDICTIONS_FILE, RESULTS_FILE, run_predict
 from mindsft.demo_model import SAMPLE_ALPACA, write_tiny_hf_llama
 from mindsft.templates import get_template

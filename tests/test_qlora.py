@@ -23,7 +23,7 @@ from mindsft.lora import LORA_A, LORA_B, load_peft_adapter, lora_modules  # noqa
 from mindsft.models.families import model_config_from_hf  # noqa: E402
 from mindsft.models.llama import LlamaConfig  # noqa: E402
 from mindsft.models.quant_linear import Linear4bit, Linear8bit  # noqa: E402
-from mindsft.models.qlora import Quantization, build_quantized_llama  # noqa: E402
+from mindsft.quantized_base import Quantization, build_quantized_llama  # noqa: E402
 from trainkit import ROOT, cli_args, env, losses, run_python, write_qa_mindrecord, write_start_checkpoint  # noqa: E402
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -191,7 +191,7 @@ def test_qlora_run_learns_resumes_exactly_and_exports_an_adapter_peft_loads(tmp_
 LOADER_PROBE = r"""
 import json, sys
 from mindsft.models.llama import LlamaConfig
-from mindsft.models.qlora import Quantization, build_quantized_llama
+from mindsft.quantized_base import Quantization, build_quantized_llama
 
 def peak_mb():
     with open("/proc/self/status") as f:

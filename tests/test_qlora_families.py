@@ -37,7 +37,7 @@ from mindsft.convert.peft import hf_module_of  # noqa: E402
 from mindsft.lora import load_peft_adapter, lora_modules  # noqa: E402
 from mindsft.models.families import FAMILIES as REGISTRY, model_config_from_hf  # noqa: E402
 from mindsft.models.quant_linear import Linear4bit, Linear8bit  # noqa: E402
-from mindsft.models.qlora import Quantization, build_quantized_llama  # noqa: E402
+from mindsft.quantized_base import Quantization, build_quantized_llama  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 W_PACK_PROJECTIONS = ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"]

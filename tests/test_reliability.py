@@ -97,7 +97,8 @@ for step in (1, 2):
 
 
 def test_resume_skips_a_damaged_checkpoint_and_an_unreadable_meta_json_with_a_warning(tmp_path, capsys):
-    from mindsft.train.checkpoint import checkpoint_steps, load_checkpoint_arrays, resume_step
+    from mindsft.loading import load_checkpoint_arrays
+    from mindsft.train.checkpoint import checkpoint_steps, resume_step
     subprocess.run([sys.executable, "-c", WRITE_STEPS, str(tmp_path)], env=env(), cwd=ROOT, check=True)
     meta = tmp_path / "rank_0" / "meta.json"
     meta.write_text("")
@@ -147,7 +148,7 @@ def test_resume_after_damage_takes_the_previous_checkpoint_cleans_partials_and_e
 def test_eval_of_a_record_count_that_is_not_a_multiple_of_the_batch_is_the_mean_over_every_record(tmp_path):
     import mindspore as ms
     from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
-    from mindsft.models.build import assign_weights
+    from mindsft.loading import assign_weights
     write_qa_mindrecord(tmp_path / "qa", num_records=13, shard_num=1)
     write_start_checkpoint(tmp_path / "start.ckpt")
     out = tmp_path / "eval"
@@ -172,7 +173,7 @@ SHORT_BATCH_STEP = """
 import json, sys
 import numpy as np, mindspore as ms
 from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
-from mindsft.models.build import assign_weights
+from mindsft.loading import assign_weights
 from mindsft.train.batches import ShardedBatches
 from mindsft.train.step import AdamWUpdate, TrainStep
 from trainkit import TINY_MODEL

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mindsft.errors import MindsftError
-from mindsft.train.checkpoint import load_checkpoint_arrays
+from mindsft.loading import load_checkpoint_arrays
 from trainkit import cli_args, losses, run_python, write_qa_mindrecord, write_start_checkpoint
 
 SETTINGS = {"runner_config.batch_size": 4, "runner_config.epochs": 4, "callbacks.1.save_checkpoint_steps": 4,

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from mindsft.convert.convert import hf_to_ms
-from mindsft.models.build import assign_weights
+from mindsft.loading import assign_weights
 from mindsft.models.families import model_config_from_hf
 from mindsft.models.llama import LlamaForCausalLM
 from mindsft.predict import generation_settings, run_predict

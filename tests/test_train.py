@@ -220,7 +220,7 @@ def test_bad_configs_fail_with_one_message_before_any_work(tmp_path, dataset, ca
 def test_eval_mode_reports_the_token_mean_loss_of_the_eval_set(tmp_path, dataset):
     import mindspore as ms
     from mindsft.models.llama import LlamaConfig, LlamaForCausalLM
-    from mindsft.models.build import assign_weights
+    from mindsft.loading import assign_weights
     from trainkit import TINY_MODEL
     out = tmp_path / "eval"
     args = cli_args(out, dataset / "qa", dataset / "start.ckpt", run_mode="eval")

@@ -50,7 +50,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.model is not None and args.model.lower() not in MODELS:
         parser.error(f"--model {args.model!r} is not supported (choose from {', '.join(MODELS)})")
-    from mindsft.config import find_model_config
+    from mindsft.weights import find_model_config
     if args.reversed and not (args.config or args.hf_config or find_model_config(args.input_path)):
         parser.error("--reversed needs the model's config: --config RUN.yaml, --hf_config config.json, or the "
                      "X.config.json that the forward conversion writes beside X.ckpt")
@@ -68,7 +68,8 @@ def reverse_model_config(args):
     """The model config of the reverse conversion: --config's (over the checkpoint's own), --hf_config's,
     or the one that travels with the checkpoint."""
     from mindsft import convert
-    from mindsft.config import find_model_config, load_run_config
+    from mindsft.config import load_run_config
+    from mindsft.weights import find_model_config
     if args.config:
         return load_run_config(args.config, {"load_checkpoint": args.input_path}).model_config
     path = args.hf_config or find_model_config(args.input_path)

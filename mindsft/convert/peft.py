@@ -13,13 +13,13 @@ import numpy as np
 
 from mindsft.convert import dtypes
 from mindsft.convert.ckpt_format import CkptWriter, read_ckpt
-from mindsft.convert.hf_reader import find_weights, open_hf_weights, read_hf_config
-from mindsft.convert.stored import split_stored
+from mindsft.convert.convert import TOKENIZER_FILES, ms_to_hf
 from mindsft.errors import AdapterError, ConfigError, ConvertError
 from mindsft.files import atomic_output, check_output_path
 from mindsft.input_files import field, read_json
 from mindsft.lora_config import LORA_A, LORA_B, LoraConfig, is_adapter_name, merged_weight, target_regex_from_hf_names
-from mindsft.models.families import FAMILIES, config_from_hf
+from mindsft.models.families import FAMILIES, family_of
+from mindsft.weights import float32, open_base_weights
 
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -191,36 +191,6 @@ def adapted_modules(adapter_arrays, base_shapes, lora_config, source="adapter"):
 # memory (in float32, one at a time), every other tensor is copied block by block in its own dtype,
 # so merging into a 7B bfloat16 base needs little more memory than one weight.
 
-def _float32(stored):
-    """A StoredTensor's values as a float32 array (bfloat16 widened exactly)."""
-    return np.concatenate([block for block in stored.blocks("float32")]).reshape(stored.shape)
-
-
-def open_base_weights(path):
-    """({our name: StoredTensor} of the model weights, LlamaConfig or None, tokenizer folder or None)
-    for a .ckpt (optimizer state and adapters left out) or a HuggingFace model folder."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        weights_path, config_path = find_weights(path)
-        family, config = config_from_hf(read_hf_config(config_path), config_path)
-        return split_stored(family.weight_entries(config), open_hf_weights(weights_path)), config, path
-    if not os.path.isfile(path):
-        raise ConvertError(f"{path}: no such checkpoint file or HuggingFace folder")
-    tensors, _ = read_ckpt(path)
-    # The config that travels beside a converted checkpoint names its family (how adapters map).
-    from mindsft.convert.convert import model_config_path, read_model_config
-    config_path = model_config_path(path)
-    config = read_model_config(config_path) if os.path.isfile(config_path) else None
-    return {name: t for name, t in tensors.items() if name.startswith(("model.", "lm_head."))
-            and not is_adapter_name(name)}, config, None
-
-
-def read_base_weights(path):
-    """({our name: float32 array}, LlamaConfig or None) of a .ckpt or HuggingFace folder."""
-    tensors, config, _ = open_base_weights(path)
-    return {name: _float32(t) for name, t in tensors.items()}, config
-
-
 def read_adapter(path, lora_config=None, family=None):
     """(LoraConfig, {adapter name: array}) from a PEFT folder or an adapter .ckpt (which needs `lora_config`
     for alpha: a checkpoint holds the weights, not the scaling)."""
@@ -233,7 +203,7 @@ def read_adapter(path, lora_config=None, family=None):
         raise ConfigError(f"{path}: an adapter checkpoint does not record lora_alpha; give the pet_config "
                           "(or --lora_rank/--lora_alpha) it was trained with")
     tensors, _ = read_ckpt(path)
-    return lora_config, {name: _float32(t) for name, t in tensors.items() if is_adapter_name(name)}
+    return lora_config, {name: float32(t) for name, t in tensors.items() if is_adapter_name(name)}
 
 
 def write_ckpt(arrays, path):
@@ -253,7 +223,7 @@ def _write_merged_ckpt(tensors, adapter_arrays, modules, scaling, path, progress
         for name, stored in tqdm(tensors.items(), desc="merge", unit="tensor", disable=not progress):
             if name in adapted:
                 module = adapted[name]
-                weight = merged_weight(_float32(stored), adapter_arrays[f"{module}.{LORA_A}"],
+                weight = merged_weight(float32(stored), adapter_arrays[f"{module}.{LORA_A}"],
                                        adapter_arrays[f"{module}.{LORA_B}"], scaling)
                 blocks = [dtypes.convert(weight.reshape(-1), "float32", stored.dtype)]
             else:
@@ -272,8 +242,6 @@ def merge_lora_files(base, adapter, output=None, hf_output=None, lora_config=Non
     `overwrite`. Returns the names of the merged weights.
     """
     import tempfile
-    from mindsft.convert.convert import TOKENIZER_FILES, ms_to_hf
-    from mindsft.models.families import family_of
     if not output and not hf_output:
         raise ConfigError("merge_lora: give an output checkpoint, a HuggingFace output folder, or both")
     if output:

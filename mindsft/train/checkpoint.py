@@ -18,13 +18,13 @@ import numpy as np
 import mindspore as ms
 
 from mindsft.convert import dtypes
-from mindsft.convert.ckpt_format import read_ckpt, verify_ckpt, write_arrays
+from mindsft.convert.ckpt_format import verify_ckpt, write_arrays
 from mindsft.convert.safetensors_format import verify_safetensors, write_checked_safetensors
-from mindsft.errors import CheckpointError, ConfigError, ConvertError
+from mindsft.errors import ConvertError
 from mindsft.files import atomic_output, remove_partials, remove_path
+from mindsft.weights import SUFFIXES
 
 META_FILE = "meta.json"
-SUFFIXES = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
 
 
 def rank_dir(checkpoint_dir, rank):
@@ -161,36 +161,3 @@ def resume_step(checkpoint_dir, world_size):
 def remove_leftovers(checkpoint_dir, rank):
     """Delete the temporary files a killed run left in this rank's checkpoint folder."""
     return remove_partials(rank_dir(checkpoint_dir, rank))
-
-
-def load_checkpoint_arrays(path):
-    """{name: array} of a .ckpt file, checksum verified first; a damaged file is named. Arrays
-    are numpy, except bfloat16 ones: MindSpore Tensors, which numpy cannot hold without doubling."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: checkpoint file does not exist")
-    try:
-        tensors = verify_safetensors(path) if path.endswith(".safetensors") else read_ckpt(path)[0]
-        return {name: ms.Tensor(stored.to_numpy()).view(ms.bfloat16) if stored.dtype == "bfloat16"
-                else stored.to_numpy() for name, stored in tensors.items()}
-    except CheckpointError:
-        raise
-    except ConvertError as exc:
-        raise CheckpointError(f"not a readable MindSpore checkpoint: {exc}") from None
-
-
-def find_weights_file(load_checkpoint, rank=0, checkpoint_format=None):
-    """The .ckpt to start from: the file itself, or the single .ckpt in a folder (or its rank_{r})."""
-    if os.path.isfile(load_checkpoint):
-        return load_checkpoint
-    if not os.path.isdir(load_checkpoint):
-        raise ConfigError(f"load_checkpoint {load_checkpoint}: no such file or folder")
-    for folder in (os.path.join(load_checkpoint, f"rank_{rank}"), load_checkpoint):
-        if os.path.isdir(folder):
-            suffixes = (SUFFIXES[checkpoint_format],) if checkpoint_format else tuple(SUFFIXES.values())
-            ckpts = sorted(n for n in os.listdir(folder) if n.endswith(suffixes) and not n.startswith("."))
-            if len(ckpts) == 1:
-                return os.path.join(folder, ckpts[0])
-            if len(ckpts) > 1:
-                raise ConfigError(f"load_checkpoint {folder}: holds {len(ckpts)} checkpoints ({', '.join(ckpts)}); "
-                                  "name the file")
-    raise ConfigError(f"load_checkpoint {load_checkpoint}: no {SUFFIXES.get(checkpoint_format, '.ckpt or .safetensors')} file in it")

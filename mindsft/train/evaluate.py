@@ -6,7 +6,7 @@ import os
 
 from mindsft.errors import ConfigError
 from mindsft.files import atomic_output
-from mindsft.models.build import build_model, load_start_weights
+from mindsft.loading import build_model, load_start_weights
 from mindsft.train.batches import build_data
 from mindsft.train.context import setup_context
 from mindsft.train.step import EvalStep, tensors_of

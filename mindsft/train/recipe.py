@@ -12,7 +12,7 @@ import time
 from mindsft.convert.convert import model_config_path, write_model_config
 from mindsft.data.schema import recorded_template
 from mindsft.files import atomic_output, remove_partials
-from mindsft.models.build import build_model, load_start_weights, restore_training_state, uses_lora
+from mindsft.loading import build_model, load_start_weights, restore_training_state, uses_lora
 from mindsft.generation_eval import GenerationEval
 from mindsft.train import checkpoint as ckpt
 from mindsft.train.batches import build_data

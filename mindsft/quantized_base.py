@@ -7,59 +7,20 @@ Peak memory is the quantized model plus one float32 tensor: the full-precision m
 exists. The output head stays in full precision, as transformers keeps `lm_head` out of
 bitsandbytes' quantization; embeddings and norms are not linear layers.
 """
-import dataclasses
-import os
-
-import numpy as np
 import mindspore as ms
 from mindspore import Tensor
+from mindspore.nn.utils import no_init_parameters
 
+from mindsft import quant
 from mindsft.errors import ConfigError, ConvertError
+from mindsft.lora import packs_of, put_cell
+from mindsft.models.families.base import check_weights
+from mindsft.models.llama import DTYPES, Linear, LlamaForCausalLM
+from mindsft.models.quant_linear import Linear4bit, quantized_linear
+from mindsft.quant import Quantization
+from mindsft.weights import float32, open_base_weights, weights_location
 
-QUANTIZATION_BITS = (4, 8)
-QUANTIZATION_TYPES = ("nf4", "fp4")
 KEPT_IN_FULL_PRECISION = ("lm_head",)
-
-
-@dataclasses.dataclass(frozen=True)
-class Quantization:
-    """LLaMA-Factory's quantization_bit / quantization_type / double_quantization."""
-    bits: int
-    quant_type: str = "nf4"
-    double_quant: bool = True
-
-    def __post_init__(self):
-        if self.bits not in QUANTIZATION_BITS:
-            raise ConfigError(f"quantization_bit {self.bits!r} is not 4 or 8")
-        if self.quant_type not in QUANTIZATION_TYPES:
-            raise ConfigError(f"quantization_type {self.quant_type!r} is not nf4 or fp4")
-
-    def describe(self):
-        if self.bits == 8:
-            return "8-bit LLM.int8 rows"
-        return f"4-bit {self.quant_type}" + (", double quantization" if self.double_quant else "")
-
-
-def base_weights_path(config):
-    """The file or HuggingFace folder a quantized base is read from: load_checkpoint, else pretrained_model_dir."""
-    from mindsft.train.checkpoint import find_weights_file
-    load_checkpoint = config.load_checkpoint or config.pretrained_model_dir
-    if not load_checkpoint:
-        raise ConfigError("quantization_bit: the quantized base is read from load_checkpoint (a .ckpt or a "
-                          "HuggingFace folder); give --load_checkpoint")
-    if os.path.isdir(load_checkpoint) and os.path.isfile(os.path.join(load_checkpoint, "config.json")):
-        return load_checkpoint
-    return find_weights_file(load_checkpoint, 0)
-
-
-def _read_float32(stored):
-    """A StoredTensor's values as one float32 array, filled block by block (no second copy)."""
-    values = np.empty(stored.numel, np.float32)
-    at = 0
-    for block in stored.blocks("float32"):
-        values[at:at + block.size] = block
-        at += block.size
-    return values.reshape(stored.shape)
 
 
 def _megabytes(nbytes):
@@ -68,16 +29,6 @@ def _megabytes(nbytes):
 
 def build_quantized_llama(llama_config, weights_path, quantization):
     """(LlamaForCausalLM with quantized linear layers and its weights loaded, report line)."""
-    from mindspore.nn.utils import no_init_parameters
-    from mindsft.convert.peft import open_base_weights
-    from mindsft.lora import _put_cell
-    from mindsft.models.families.base import check_weights
-    from mindsft.models.llama import DTYPES, Linear, LlamaForCausalLM
-    from mindsft.models.quant_linear import quantized_linear
-
-    from mindsft import quant
-    from mindsft.models.quant_linear import Linear4bit
-
     tensors, _, _ = open_base_weights(weights_path)
     with no_init_parameters():
         model = LlamaForCausalLM(llama_config)
@@ -99,12 +50,12 @@ def build_quantized_llama(llama_config, weights_path, quantization):
         cell_name, linear = linear_cells[name]
         if linear.has_bias:
             cell.keep_bias(linear.bias)   # the Parameter itself: its values are read in turn below
-        _put_cell(model, cell_name, cell)
+        put_cell(model, cell_name, cell)
         linear_after += cell.quantized_bytes()
         after += cell.quantized_bytes()
 
     for name, param in params.items():
-        values = _read_float32(tensors[name])
+        values = float32(tensors[name])
         before += values.size * itemsize
         if name in stacked:
             linear_before += values.size * itemsize
@@ -143,7 +94,6 @@ def _stacked_parts(model):
     stacked tensor: its 64-blocks run along the flattened [q; k; v], so each part's blocks are
     its own (when it is a whole number of blocks), but double quantization's offset and 256-blocks
     span the parts: the parts are double-quantized together (quant.double_quantize_stacked)."""
-    from mindsft.lora import packs_of
     stacked = {}
     for members in packs_of(model).values():
         names = tuple(f"{member}.weight" for member in members)
@@ -154,7 +104,11 @@ def _stacked_parts(model):
 def build_quantized_base(config):
     """The run's quantized base model (`quantization_bit` set), its weights already loaded."""
     quantization = Quantization(config.quantization_bit, config.quantization_type, config.double_quantization)
-    model, report = build_quantized_llama(config.model_config, base_weights_path(config), quantization)
+    load_checkpoint = config.load_checkpoint or config.pretrained_model_dir
+    if not load_checkpoint:
+        raise ConfigError("quantization_bit: the quantized base is read from load_checkpoint (a .ckpt or a "
+                          "HuggingFace folder); give --load_checkpoint")
+    model, report = build_quantized_llama(config.model_config, weights_location(load_checkpoint), quantization)
     print(report)
     return model
 
