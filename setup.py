@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Supervised fine-tuning of Llama-family models in MindSpore",
     packages=find_packages(include=["mindsft", "mindsft.*"]),
-    package_data={"mindsft": ["sample_data/*.json", "models/*.cc"]},
+    package_data={"mindsft": ["sample_data/*.json", "*.cc"]},
     python_requires=">=3.9",
     install_requires=[
         "mindspore==2.10.0",

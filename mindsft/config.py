@@ -16,6 +16,7 @@ import yaml
 
 from mindsft.errors import ConfigError
 from mindsft.generation_config import GenerationConfig
+from mindsft.input_files import read_yaml
 from mindsft.lora_config import LoraConfig
 from mindsft.models.config import SHAPE_KEYS, LlamaConfig
 from mindsft.models.families import family_of, family_of_arch, model_config_from_hf
@@ -537,7 +538,6 @@ def validate_quantization(config):
 def load_yaml(path):
     if not os.path.exists(path):
         raise ConfigError(f"{path}: config file does not exist")
-    from mindsft.input_files import read_yaml
     return read_yaml(path, ConfigError, "run config YAML")
 
 

@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 from mindsft.files import atomic_output
 from mindsft.models.config import LlamaConfig
 from mindsft.models.families import family_named, family_of
+from mindsft.templates import alpaca_prompt, get_template
 
 SAMPLE_DATA_DIR = os.path.join(os.path.dirname(__file__), "sample_data")
 SAMPLE_ALPACA = os.path.join(SAMPLE_DATA_DIR, "alpaca_sample.json")
@@ -37,8 +38,6 @@ TINY_FAMILY_SETTINGS = {
 def sample_texts(path=SAMPLE_ALPACA):
     """The sample's records as the default template renders them, so the tokenizer trained on them
     also knows the prompt wrapper (else the wrapper falls back to bytes and records run long)."""
-    from mindsft.templates import alpaca_prompt, get_template
-
     with open(path, encoding="utf-8") as f:
         records = json.load(f)
     template = get_template("vicuna_v1.1")

@@ -15,7 +15,7 @@ from mindspore import Tensor, ops
 
 from mindsft.errors import ConfigError
 from mindsft.generation_config import GenerationConfig  # noqa: F401 - what generate() takes
-from mindsft.models.cpu_kernels import beam_top_k
+from mindsft.cpu_kernels import beam_top_k
 
 @dataclasses.dataclass
 class GenerationOutput:

@@ -10,6 +10,7 @@ from mindsft.data.schema import IGNORE_INDEX
 from mindsft.errors import ConfigError
 from mindsft.generate import GenerationConfig, Generator
 from mindsft.metrics import similarity_scores
+from mindsft.tokenizer import LlamaTokenizer
 
 
 def reply_samples(files, limit):
@@ -52,7 +53,6 @@ class GenerationEval:
     def from_config(cls, config, model, dataset_files):
         """From a run config: `eval_dataset.generate_samples` records of the eval data, the
         tokenizer `processor.tokenizer.vocab_file`, the settings of `generation_config`."""
-        from mindsft.tokenizer import LlamaTokenizer
         vocab_file = config.processor.tokenizer.vocab_file
         if not vocab_file:
             raise ConfigError("eval_dataset.predict_with_generate needs the tokenizer to read replies: set "

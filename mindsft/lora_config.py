@@ -11,6 +11,7 @@ import re
 import numpy as np
 
 from mindsft.errors import ConfigError
+from mindsft.models.families import FAMILIES
 from mindsft.typed import coerce, unknown_key
 
 LORA_A = "mindpet_delta_lora_a"
@@ -103,7 +104,6 @@ class LoraConfig:
 
 def target_regex_from_hf_names(names, family=None):
     """MindFormers regex for PEFT's projection names of `family` ('q_proj,v_proj', a list, or 'all')."""
-    from mindsft.models.families import FAMILIES
     projections = (family or FAMILIES["llama"]).lora_projections
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]

@@ -15,16 +15,20 @@ import time
 from typing import List, Optional
 
 import numpy as np
+import mindspore as ms
 from tqdm import tqdm
 
 from mindsft.data.conversations import normalize_record, read_json_records
-from mindsft.data.schema import IGNORE_INDEX, recorded_template
+from mindsft.data.schema import IGNORE_INDEX, dataset_manifest, recorded_template
 from mindsft.errors import ConfigError, DataError
 from mindsft.files import atomic_output
 from mindsft.generate import GenerationConfig, Generator
 from mindsft.input_files import read_json
+from mindsft.loading import build_model, load_start_weights
 from mindsft.metrics import similarity_scores
 from mindsft.templates import encode_segments, get_template
+from mindsft.tokenizer import load_tokenizer
+from mindsft.train.evaluate import loss_terms_over
 
 PROMPT_FILE_SUFFIXES = (".txt", ".json", ".jsonl")
 PREDICTIONS_FILE = "generated_predictions.jsonl"
@@ -90,7 +94,6 @@ def read_prompt_records(path):
 def teacher_forced_loss(model, tokenizer, template, records, batch_size=8):
     """(summed cross-entropy, learned-token count) of the labels given their prompts: the
     training loss of these conversations, on the tokens the model would learn."""
-    from mindsft.train.evaluate import loss_terms_over
     examples = []
     for record in records:
         conversation = record.messages + [{"role": "assistant", "content": record.label}]
@@ -282,7 +285,6 @@ def recorded_tokenizer_config(config, template_name):
     dataset_dir = config.train_dataset.data_loader.dataset_dir
     if template_name != "hf" or not dataset_dir:
         return None
-    from mindsft.data.schema import dataset_manifest
     path = (dataset_manifest(dataset_dir) or {}).get("tokenizer_config")
     return path if path and os.path.isfile(path) else None
 
@@ -290,11 +292,6 @@ def recorded_tokenizer_config(config, template_name):
 def run(config):
     """run_mode predict from a run config: build the model, load `load_checkpoint`, answer
     `predict_data` in the training template, write the outputs to `output_dir`."""
-    from mindsft.errors import ConfigError
-    from mindsft.tokenizer import load_tokenizer
-    import mindspore as ms
-    from mindsft.loading import build_model, load_start_weights
-
     if config.predict_data is None:
         raise ConfigError("run_mode predict needs --predict_data (a prompt, a .txt or a .json/.jsonl file)")
     if not (config.load_checkpoint or config.pretrained_model_dir):

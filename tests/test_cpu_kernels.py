@@ -6,7 +6,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from mindsft.models import cpu_kernels
+from mindsft import cpu_kernels
 from mindsft.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss_terms
 
 
@@ -153,7 +153,7 @@ def test_loading_the_kernels_leaves_the_process_float_mode_alone(tmp_path):
     import subprocess
     import sys
     script = ("import ctypes, numpy as np\n"
-              "from mindsft.models.cpu_kernels import library_path\n"
+              "from mindsft.cpu_kernels import library_path\n"
               "path, why = library_path()\n"
               "assert path, why\n"
               "ctypes.CDLL(path)\n"

@@ -21,7 +21,7 @@ from mindsft.convert import hf_to_ms, ms_to_hf
 from mindsft.errors import ConfigError
 from mindsft.generate import GenerationConfig, Generator
 from mindsft.models.config import LlamaConfig
-from mindsft.models.cpu_kernels import causal_attention
+from mindsft.cpu_kernels import causal_attention
 from mindsft.models.families import config_from_hf, family_named, model_config_from_hf
 
 

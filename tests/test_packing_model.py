@@ -11,7 +11,7 @@ from mindspore import Tensor, nn, ops
 from llama_reference import mindsft_twin, random_hf_llama
 from mindsft.models.families import hf_to_ms_arrays, model_config_from_hf
 from mindsft.data.packing import pack_row
-from mindsft.models import cpu_kernels
+from mindsft import cpu_kernels
 
 IGNORE = -100
 ROW = 41  # seq_length 40 + 1

@@ -74,7 +74,7 @@ def ours_from(hf_dir, quantization, adapter_dir):
 @pytest.mark.parametrize("case", CASES)
 def test_dequantized_weight_equals_bitsandbytes_dequantization_exactly(case, kernels, monkeypatch):
     from mindsft import quant
-    from mindsft.models import cpu_kernels
+    from mindsft import cpu_kernels
     from mindsft.models.quant_linear import quantized_linear
     monkeypatch.setattr(cpu_kernels, "_OPS", {})
     monkeypatch.setenv("MINDSFT_CPU_KERNELS", "1" if kernels == "fused" else "0")

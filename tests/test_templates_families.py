@@ -8,7 +8,8 @@ import pytest
 from conftest import shared_file
 from mindsft.data.preprocess import encode_conversation
 from mindsft.errors import ConfigError
-from mindsft.templates import check_template_tokens, encode_segment_batch, encode_segments, get_template
+from mindsft.data.encode import encode_segment_batch
+from mindsft.templates import check_template_tokens, encode_segments, get_template
 from mindsft.tokenizer import load_tokenizer
 from tokenizer_helpers import (LLAMA3_JINJA, MISTRAL_V03_JINJA, QWEN25_JINJA, learned_runs, load_conversations,
                                write_bpe_tokenizer)

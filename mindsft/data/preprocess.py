@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mindsft.data import mixing, split
+from mindsft.data.encode import chunk_arrays, chunk_texts, encode_chunk_texts
 from mindsft.data.conversations import normalize_record, record_tools
 from mindsft.data.mindrecord import EmptyOutputError, RowBlock, shard_names, write_mindrecord
 from mindsft.data.mixing import input_files
@@ -40,8 +41,7 @@ from mindsft.data.packing import pack_samples
 from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, record_length
 from mindsft.errors import ConfigError, DataError, MindsftError
 from mindsft.files import atomic_output, check_output_path
-from mindsft.templates import (check_template_tokens, chunk_arrays, chunk_texts, encode_chunk_texts,
-                               encode_segment_arrays, get_template)
+from mindsft.templates import check_template_tokens, encode_segment_arrays, get_template
 from mindsft.tokenizer import load_tokenizer, tokenizer_file
 
 CHUNK_RECORDS = 256  # records per worker task: 64 measured ~10% slower with 2 workers (pickling, IPC)

@@ -9,6 +9,7 @@ import re
 import numpy as np
 
 from mindsft.errors import DataError
+from mindsft.input_files import read_json
 
 # The label of a token the model does not learn (HuggingFace's and MindFormers' value). The data
 # is written with it and the model skips it: it is not a setting, so the two cannot disagree.
@@ -111,7 +112,6 @@ def dataset_manifest(dataset_path):
     manifests = sorted(name for name in os.listdir(folder) if name.endswith(".stats.json"))
     if not manifests:
         return None
-    from mindsft.input_files import read_json
     return read_json(os.path.join(folder, manifests[0]), DataError, "llama_preprocess stats JSON", expect=dict)
 
 

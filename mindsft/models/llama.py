@@ -14,7 +14,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, One, initializer
 
 from mindsft.models.config import LlamaConfig  # noqa: F401 - the one config the network is built from
-from mindsft.models.cpu_kernels import (FEW_ROWS, causal_attention, cross_entropy, decode_attention, few_rows_linear,
+from mindsft.cpu_kernels import (FEW_ROWS, causal_attention, cross_entropy, decode_attention, few_rows_linear,
                                         packed_attention, rms_norm_rows)
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}

@@ -15,7 +15,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from mindsft import quant
-from mindsft.models import cpu_kernels
+from mindsft import cpu_kernels
 
 
 def _frozen(array, name):

@@ -6,6 +6,7 @@ import os
 
 from mindsft.errors import ConfigError
 from mindsft.files import atomic_output
+from mindsft.generation_eval import GenerationEval
 from mindsft.loading import build_model, load_start_weights
 from mindsft.train.batches import build_data
 from mindsft.train.context import setup_context
@@ -42,7 +43,6 @@ def evaluate(config):
     loss, perplexity = evaluate_loss(model, data.batches(), world_size)
     result = {"eval_loss": loss, "eval_perplexity": perplexity, "records": data.num_records}
     if config.eval_dataset.predict_with_generate and rank == 0:
-        from mindsft.generation_eval import GenerationEval
         result.update(GenerationEval.from_config(config, model, data.files)())
     if rank == 0:
         os.makedirs(config.output_dir, exist_ok=True)

@@ -12,6 +12,7 @@ import time
 from mindsft.convert.convert import model_config_path, write_model_config
 from mindsft.data.schema import recorded_template
 from mindsft.files import atomic_output, remove_partials
+from mindsft import lora
 from mindsft.loading import build_model, load_start_weights, restore_training_state, uses_lora
 from mindsft.generation_eval import GenerationEval
 from mindsft.train import checkpoint as ckpt
@@ -142,7 +143,6 @@ def train(config):
         prefix = checkpoint_settings.prefix if checkpoint_settings else "llama"
         suffix = ckpt.SUFFIXES[checkpoint_settings.checkpoint_format if checkpoint_settings else "ckpt"]
         if uses_lora(model):
-            from mindsft import lora
             final_path = ckpt.save_weights(save_params(model, checkpoint_settings),
                                            os.path.join(checkpoint_dir, f"{prefix}_final_lora{suffix}"))
             peft_dir = os.path.join(config.output_dir, "peft_adapter")

@@ -11,7 +11,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from mindsft.data.schema import BATCH_COLUMNS
-from mindsft.models.cpu_kernels import adamw_step
+from mindsft.cpu_kernels import adamw_step
 
 
 class AdamWUpdate(nn.Cell):

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Callable, Dict, List, Tuple
 
 from mindsft.errors import ConvertError
+from mindsft.models.config import LlamaConfig
 
 Shape = Tuple[int, ...]
 
@@ -82,7 +83,6 @@ class Family:
     def renames(self):
         """[(HF pattern, our pattern)] of the one-to-one entries, `{i}` the layer index: what maps
         module names (LoRA adapters) whatever the model's depth."""
-        from mindsft.models.config import LlamaConfig
         probe = LlamaConfig(**{**self.model_flags, "family": self.name, "vocab_size": 8, "hidden_size": 8,
                                "num_layers": 1, "num_heads": 1, "intermediate_size": 8})
         return [(e.hf_name.replace(".layers.0.", ".layers.{i}."), e.ms_names[0].replace(".layers.0.", ".layers.{i}."))

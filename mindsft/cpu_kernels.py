@@ -1,25 +1,20 @@
-"""Fused kernels for MindSpore's CPU backend, as MindSpore "aot" custom ops (`cpu_kernels.cc`).
+"""Fused CPU kernels for the model, the optimizer, decoding and dequantization: MindSpore "aot"
+custom ops (`cpu_kernels.cc`) that make fewer passes over memory than MindSpore's CPU ops.
 
-- Causal attention: MindSpore's CPU kernels run attention as separate ops that each write
-  [B, H, S, S] tensors (scores, mask added, softmax, and their gradients): measured here, ~0.13 s
-  per layer forward and backward for batch 4 x 512 x 8 heads, against ~0.03 s for the fused
-  kernel, which keeps a block of scores in cache and recomputes it in the backward pass from the
-  saved log-sum-exp.
-- Cross-entropy per row of logits: one read of the logits forward, one write of their gradient
-  backward, where log_softmax + gather makes several passes over [tokens, vocab].
-- The AdamW step of one parameter: one read of param, moments and gradient, where the
-  op-by-op update makes a dozen passes.
-- Decoding (no gradient but the few-rows product's): products of a few rows (batch x beams) that
-  read the weight in place, where MindSpore's MatMul repacks it on every call; one decode step of
-  attention per layer (rotary, the beam's cache reorder, the cache write, attention), where the
-  ops path runs ~25 small ops; beam search's candidates per row (log-softmax + beam score +
-  top-k), so that the logits never travel to the host. Measured (MindSpore's profiler, a beam
-  step at batch 4 of bench/generate.py's model): 15.4 ms of op time before the attention kernel,
-  9.7 ms after, 8.3 ms of it in these kernels (5.7 ms the output head).
-- QLoRA's dequantization of one base weight: a single op that waits for its layer's input.
-  Built from MindSpore ops, the chain from a frozen parameter has no input to wait for, so the
-  runtime dequantized every layer at the start of the step and held them all (measured: +1 GB a
-  TinyLlama layer, more than its float32 weights).
+- The model: causal attention (also packed: attention within each sample) that keeps a block of
+  scores in cache and recomputes it in the backward pass from the saved log-sum-exp, where
+  MindSpore's ops each write [B, H, S, S] tensors; cross-entropy per row of logits, one read
+  forward and one write of the gradient backward.
+- The optimizer: the AdamW step of one parameter in one read of param, moments and gradient.
+- Decoding: products of a few rows (batch x beams) that read the weight in place, where
+  MindSpore's MatMul repacks it on every call; one decode step of attention per layer (rotary,
+  the beams' cache reorder, the cache write, attention); beam search's candidates per row
+  (log-softmax + beam score + top-k), so that the logits never travel to the host.
+- Dequantization: a QLoRA base weight dequantized by one op that waits for its layer's input, so
+  the runtime holds one layer's dequantized weight at a time, not every layer's from the start
+  of the step.
+
+The README's "CPU kernels" gives what they save, measured.
 
 The C++ source is compiled once per machine with the system's g++ into a cache folder
 (`$MINDSFT_KERNEL_CACHE`, default `~/.cache/mindsft/kernels`). Where there is no compiler, or the

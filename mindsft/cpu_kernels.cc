@@ -1,4 +1,4 @@
-// Fused kernels for MindSpore's CPU backend, loaded by mindsft/models/cpu_kernels.py as MindSpore
+// Fused kernels for MindSpore's CPU backend, loaded by mindsft/cpu_kernels.py as MindSpore
 // "aot" custom ops. All fp32.
 //
 // Causal attention, forward and backward in one pass each, so the scores never leave cache
