@@ -1,6 +1,8 @@
-"""The package's shape: no two mindsft modules import each other, directly or in a circle, and the
-converter stays free of MindSpore (its memory budget is one tensor block, MindSpore's import alone
-is ~480 MB)."""
+"""The package's shape: no two mindsft modules import each other, directly or in a circle; imports
+only point down the layers (building blocks → models → files on disk → the loader → training,
+generation → command lines); no import hides inside a function but the few that defer MindSpore;
+and the converter stays free of MindSpore (its memory budget is one tensor block, MindSpore's
+import alone is ~480 MB)."""
 import ast
 import subprocess
 import sys
@@ -26,6 +28,25 @@ def imports_of(path, modules):
         else:
             continue
         found.update(name for name in names if name in modules)
+    return found
+
+
+def function_level_imports(path, modules):
+    """[(line number, mindsft module)] of the imports inside a function body of `path`."""
+    found = []
+    for function in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from mindsft import predict` imports the module mindsft.predict, not the package.
+                names = [f"{node.module}.{alias.name}" for alias in node.names
+                         if f"{node.module}.{alias.name}" in modules] or [node.module]
+            else:
+                continue
+            found += [(node.lineno, name) for name in names if name in modules]
     return found
 
 
@@ -82,3 +103,64 @@ def test_the_converter_and_the_run_config_do_not_import_mindspore():
             "print('mindspore' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+# Lowest first. A module belongs to the layer of its longest matching prefix; every module has one,
+# so a new module is placed on purpose.
+LAYERS = [
+    # Building blocks: errors, files, typed config pieces, formats, quantization math, kernels,
+    # tokenizers and the template registry; data.schema is here because the batch's named columns
+    # and IGNORE_INDEX are what the model, the data and the step share.
+    ("building blocks", ["mindsft.errors", "mindsft.files", "mindsft.input_files", "mindsft.typed",
+                         "mindsft.protowire", "mindsft.quant", "mindsft.cpu_kernels", "mindsft.metrics",
+                         "mindsft.generation_config", "mindsft.tokenizer", "mindsft.templates",
+                         "mindsft.data.schema"]),
+    # The network and its family records: they know nothing of files.
+    ("models", ["mindsft.models", "mindsft.lora_config"]),
+    # Formats on disk: conversion, adapter files, data preprocessing, where a run's weights are;
+    # the LoRA layer (its adapters as PEFT files).
+    ("convert and data", ["mindsft.convert", "mindsft.data", "mindsft.weights", "mindsft.lora",
+                          "mindsft.demo_model"]),
+    # Building a network from the run config and its weights: plain, LoRA, quantized.
+    ("loader", ["mindsft.config", "mindsft.loading", "mindsft.quantized_base"]),
+    ("train and generation", ["mindsft.train", "mindsft.generate", "mindsft.generation_eval", "mindsft.predict"]),
+    ("command lines", ["mindsft.run", "mindsft.cli", "mindsft"]),
+]
+
+# The function-level imports of mindsft modules there are, each deferring MindSpore (seconds and
+# ~480 MB) to the run mode that needs it, and commented so where it stands.
+DEFERRED_IMPORTS = {
+    ("mindsft.run", "mindsft.train.recipe"),
+    ("mindsft.run", "mindsft.train.evaluate"),
+    ("mindsft.run", "mindsft.predict"),
+}
+
+
+def layer_of(module):
+    prefixes = [(len(prefix), index) for index, (_, members) in enumerate(LAYERS) for prefix in members
+                if module == prefix or module.startswith(prefix + ".")]
+    assert prefixes, f"{module} is in no layer of LAYERS: place it"
+    return max(prefixes)[1]
+
+
+def test_imports_only_point_down_the_layers():
+    upward = [f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+              for module, targets in sorted(import_graph().items()) for target in sorted(targets)
+              if layer_of(target) > layer_of(module)]
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer_of("mindsft.models.llama") < layer_of("mindsft.loading") < layer_of("mindsft.train.recipe")
+    assert layer_of("mindsft.data.schema") < layer_of("mindsft.models.config") < layer_of("mindsft.data.packing")
+
+
+def test_only_the_deferred_mindspore_imports_sit_inside_functions():
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    found = {}
+    for name, path in files.items():
+        for line, target in function_level_imports(path, files):
+            found[(name, target)] = (path, line)
+    assert set(found) == DEFERRED_IMPORTS
+    for path, line in found.values():
+        assert "# deferred: MindSpore" in path.read_text().splitlines()[line - 1], f"{path}:{line}"
