@@ -11,7 +11,7 @@ import numpy as np
 import sentencepiece as spm
 from safetensors.numpy import save_file
 
-from mindsft.files import atomic_output
+from mindsft.output_files import atomic_output
 from mindsft.models.config import LlamaConfig
 from mindsft.models.families import family_named, family_of
 from mindsft.templates import alpaca_prompt, get_template

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from mindsft.data.conversations import normalize_record, read_json_records
 from mindsft.data.schema import IGNORE_INDEX, dataset_manifest, recorded_template
 from mindsft.errors import ConfigError, DataError
-from mindsft.files import atomic_output
+from mindsft.output_files import atomic_output
 from mindsft.generate import GenerationConfig, Generator
 from mindsft.input_files import read_json
 from mindsft.loading import build_model, load_start_weights

@@ -20,7 +20,7 @@ from trainkit import (ROOT, TINY_MODEL, assert_same_run, cli_args, env, losses, 
 
 def test_a_file_output_never_replaces_a_folder_even_an_empty_one(tmp_path):
     from mindsft.errors import OutputError
-    from mindsft.files import atomic_output
+    from mindsft.output_files import atomic_output
     (tmp_path / "out.json").mkdir()
     with pytest.raises(OutputError, match="out.json is an existing folder"):
         with atomic_output(tmp_path / "out.json", overwrite=True) as tmp:
@@ -31,7 +31,7 @@ def test_a_file_output_never_replaces_a_folder_even_an_empty_one(tmp_path):
 
 def test_a_folder_output_replaces_a_non_empty_folder_only_when_asked(tmp_path):
     from mindsft.errors import OutputError
-    from mindsft.files import atomic_output
+    from mindsft.output_files import atomic_output
 
     def write_folder(overwrite):
         with atomic_output(tmp_path / "out", folder=True, overwrite=overwrite) as tmp:

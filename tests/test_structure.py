@@ -111,7 +111,7 @@ LAYERS = [
     # Building blocks: errors, files, typed config pieces, formats, quantization math, kernels,
     # tokenizers and the template registry; data.schema is here because the batch's named columns
     # and IGNORE_INDEX are what the model, the data and the step share.
-    ("building blocks", ["mindsft.errors", "mindsft.files", "mindsft.input_files", "mindsft.typed",
+    ("building blocks", ["mindsft.errors", "mindsft.output_files", "mindsft.input_files", "mindsft.typed",
                          "mindsft.protowire", "mindsft.quant", "mindsft.cpu_kernels", "mindsft.metrics",
                          "mindsft.generation_config", "mindsft.tokenizer", "mindsft.templates",
                          "mindsft.data.schema"]),

@@ -161,7 +161,7 @@ def kill_inside_a_write(script, args, folder, rng):
 
 
 def test_kill_during_the_metrics_rewrite_or_the_summary_write_leaves_a_whole_file(tmp_path):
-    from mindsft.files import remove_partials
+    from mindsft.output_files import remove_partials
     rng = np.random.default_rng(7)
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": step, "loss": 1.0 / step, "note": "x" * 100} for step in range(1, 150_001)]

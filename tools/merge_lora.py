@@ -9,7 +9,7 @@ from mindsft.cli import HelpFormatter  # noqa: E402
 from mindsft.config import load_run_config  # noqa: E402
 from mindsft.convert.peft import merge_lora_files  # noqa: E402
 from mindsft.errors import MindsftError, report, user_errors  # noqa: E402
-from mindsft.files import check_output_path  # noqa: E402
+from mindsft.output_files import check_output_path  # noqa: E402
 from mindsft.lora_config import LoraConfig  # noqa: E402
 
 

@@ -36,7 +36,7 @@ class CkptWriter:
     """Write a `.ckpt` one tensor at a time: `write(name, dtype, shape, blocks)`; `close()` adds
     the checksum trailer (a writer left by an exception gets none, and its file is unfinished).
 
-    The caller makes the path atomic (see mindsft.files.atomic_output).
+    The caller makes the path atomic (see mindsft.output_files.atomic_output).
     """
 
     def __init__(self, path, chunk_bytes=CHUNK_BYTES):

@@ -20,7 +20,7 @@ from mindsft.convert.hf_reader import find_weights, open_hf_weights, read_hf_con
 from mindsft.convert.safetensors_format import write_safetensors
 from mindsft.convert.stored import split_stored, stacked
 from mindsft.errors import ConfigError, ConvertError
-from mindsft.files import atomic_output, check_output_path
+from mindsft.output_files import atomic_output, check_output_path
 from mindsft.models.families import config_from_hf, family_of
 from mindsft.models.families.base import check_weights
 

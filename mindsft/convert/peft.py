@@ -15,7 +15,7 @@ from mindsft.convert import dtypes
 from mindsft.convert.ckpt_format import CkptWriter, read_ckpt
 from mindsft.convert.convert import TOKENIZER_FILES, ms_to_hf
 from mindsft.errors import AdapterError, ConfigError, ConvertError
-from mindsft.files import atomic_output, check_output_path
+from mindsft.output_files import atomic_output, check_output_path
 from mindsft.input_files import field, read_json
 from mindsft.lora_config import LORA_A, LORA_B, LoraConfig, is_adapter_name, merged_weight, target_regex_from_hf_names
 from mindsft.models.families import FAMILIES, family_of

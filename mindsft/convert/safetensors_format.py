@@ -63,7 +63,7 @@ def write_safetensors(path, tensors, metadata=None, on_bytes=None):
     """Write [(name, dtype, shape, blocks)] to `path`, streaming each tensor's blocks in order.
 
     `blocks` is an iterable of 1-D storage arrays of `dtype`; `on_bytes(n)` is called as bytes
-    are written (for progress bars). The caller makes `path` atomic (see mindsft.files).
+    are written (for progress bars). The caller makes `path` atomic (see mindsft.output_files).
     """
     header = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0

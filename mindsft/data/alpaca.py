@@ -4,7 +4,7 @@ from json.encoder import encode_basestring
 
 from mindsft.data.conversations import read_json_records
 from mindsft.errors import DataError
-from mindsft.files import atomic_output, check_output_path
+from mindsft.output_files import atomic_output, check_output_path
 from mindsft.templates import alpaca_prompt
 
 

@@ -40,7 +40,7 @@ from mindsft.data.mixing import input_files
 from mindsft.data.packing import pack_samples
 from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, record_length
 from mindsft.errors import ConfigError, DataError, MindsftError
-from mindsft.files import atomic_output, check_output_path
+from mindsft.output_files import atomic_output, check_output_path
 from mindsft.templates import check_template_tokens, encode_segment_arrays, get_template
 from mindsft.tokenizer import load_tokenizer, tokenizer_file
 

@@ -21,7 +21,7 @@ from mindsft.convert import dtypes
 from mindsft.convert.ckpt_format import verify_ckpt, write_arrays
 from mindsft.convert.safetensors_format import verify_safetensors, write_checked_safetensors
 from mindsft.errors import ConvertError
-from mindsft.files import atomic_output, remove_partials, remove_path
+from mindsft.output_files import atomic_output, remove_partials, remove_path
 from mindsft.weights import SUFFIXES
 
 META_FILE = "meta.json"

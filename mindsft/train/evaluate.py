@@ -5,7 +5,7 @@ import math
 import os
 
 from mindsft.errors import ConfigError
-from mindsft.files import atomic_output
+from mindsft.output_files import atomic_output
 from mindsft.generation_eval import GenerationEval
 from mindsft.loading import build_model, load_start_weights
 from mindsft.train.batches import build_data

@@ -11,7 +11,7 @@ import time
 
 from tqdm import tqdm
 
-from mindsft.files import atomic_output, write_text_atomic
+from mindsft.output_files import atomic_output, write_text_atomic
 from mindsft.protowire import field, parse_fields, varint
 
 

@@ -11,7 +11,7 @@ import time
 
 from mindsft.convert.convert import model_config_path, write_model_config
 from mindsft.data.schema import recorded_template
-from mindsft.files import atomic_output, remove_partials
+from mindsft.output_files import atomic_output, remove_partials
 from mindsft import lora
 from mindsft.loading import build_model, load_start_weights, restore_training_state, uses_lora
 from mindsft.generation_eval import GenerationEval
