@@ -9,11 +9,11 @@ import numpy as np
 import mindspore as ms
 
 from mindsft import lora
+from mindsft.convert.hf_reader import find_weights
 from mindsft.errors import CheckpointError, ConfigError, ConvertError
 from mindsft.models.families.base import check_weights
 from mindsft.models.llama import LlamaForCausalLM
 from mindsft.quantized_base import build_quantized_base
-from mindsft.convert.hf_reader import find_weights
 from mindsft.weights import checkpoint_tensors, find_weights_file, float32, open_base_weights
 
 OPTIMIZER_STATE_PREFIXES = ("adam_m.", "adam_v.", "accum_grad.")

@@ -87,8 +87,8 @@ def open_base_weights(path, model_config=None):
     tensors = checkpoint_tensors(path)
     if model_config is None:
         # The config that travels beside a converted checkpoint names its family (how adapters map).
-        config_path = model_config_path(path)
-        model_config = read_model_config(config_path) if os.path.isfile(config_path) else None
+        config_path = find_model_config(path)
+        model_config = read_model_config(config_path) if config_path else None
     return {name: t for name, t in tensors.items() if name.startswith(("model.", "lm_head."))
             and not is_adapter_name(name)}, model_config, None
 
