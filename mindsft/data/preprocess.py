@@ -53,6 +53,7 @@ class PreprocessOptions:
     input_glob: object  # a glob, or a list of globs (one mix source each)
     model_file: str
     output_file: str
+    merges_file: str = None   # with a vocab.json as model_file: Qwen2's byte-level BPE pair
     dataset_type: str = "qa"
     seq_length: int = 2048
     file_partition: int = 1
@@ -174,14 +175,14 @@ def qa_record(ids, learned, seq_length, pad_id, drop_overlong=False):
 _WORKER = {}
 
 
-def _init_worker(model_file, template, tokenizer_config, seq_length, drop_overlong, tokenizer=None):
+def _init_worker(model_file, merges_file, template, tokenizer_config, seq_length, drop_overlong, tokenizer=None):
     _WORKER.clear()
     _WORKER.update(seq_length=seq_length, drop_overlong=drop_overlong)
     # Workers start before the main process has checked the tokenizer and template: a mistake is
     # kept for the first task (the main process reports it first, in one line) rather than raised
     # here, where the pool would print its traceback and start the worker again.
     try:
-        _WORKER["tokenizer"] = tokenizer or load_tokenizer(model_file)
+        _WORKER["tokenizer"] = tokenizer or load_tokenizer(model_file, merges_file)
         _WORKER["template"] = get_template(template, tokenizer_config, _WORKER["tokenizer"])
     except MindsftError as err:
         _WORKER["error"] = err
@@ -261,7 +262,7 @@ def _chunked(iterable, size):
 def _checked_tokenizer(options):
     """(tokenizer, template or None) of a run; a bad tokenizer or template, or a template the
     tokenizer cannot spell, fails here, before any record is read."""
-    tokenizer = load_tokenizer(options.model_file)
+    tokenizer = load_tokenizer(options.model_file, options.merges_file)
     template = None
     if options.dataset_type == "qa":
         template = get_template(options.template, options.tokenizer_config, tokenizer)
@@ -275,7 +276,7 @@ def _workers(options):
     tokenizer.json's encoding in a thread beside it), or in a pool of `num_workers` started first,
     so they load the tokenizer while this process loads and checks its own and reads the input.
     The output does not depend on which."""
-    init_args = (options.model_file, options.template, options.tokenizer_config,
+    init_args = (options.model_file, options.merges_file, options.template, options.tokenizer_config,
                  options.seq_length, options.drop_overlong)
     # A tokenizer.json is encoded here: the `tokenizers` library spreads each chunk over the cores on
     # its own threads, which measured cheaper than worker processes that each start and load it

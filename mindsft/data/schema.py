@@ -23,6 +23,11 @@ PACKED_COLUMN = "actual_seq_len"
 BATCH_COLUMNS = ("input_ids", "labels", PACKED_COLUMN)
 BATCH_DTYPES = {name: np.int32 for name in BATCH_COLUMNS}
 
+# MindFormers' Qwen2 layout (research/qwen2/qwen2_preprocess.py): target_ids (= input_ids) and
+# attention_mask (0 on padding); the trainer turns them into `labels` as MindFormers trains them:
+# position t learns target_ids[t + 1] wherever attention_mask[t] is 1 (see train/batches.py).
+TARGET_IDS_COLUMNS = ("input_ids", "target_ids", "attention_mask")
+
 DATASET_TYPES = ("qa", "wiki")
 COLUMNS = {"qa": ("input_ids", "labels"), "wiki": ("input_ids",)}
 # MindFormers' reader only takes files named like x.mindrecord, x.mindrecord0, x.mindrecord12.
