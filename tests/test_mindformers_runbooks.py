@@ -283,3 +283,32 @@ def test_qwen2_5_runbook_preprocesses_vocab_and_merges_in_chatml_and_trains_on_o
     assert ("train_dataset.input_columns input_ids, target_ids, attention_mask: the records in" in result.stdout
             and "trained on those (labels: the tokens they mark)" in result.stdout)
     assert len(losses(tmp_path / "out")) == 2
+
+
+def test_preprocess_writes_mindformers_qwen2_layout_as_qwen2_preprocess_does(qwen_model, tmp_path):
+    import mindspore.dataset as ds
+    import transformers
+    from mindsft.tokenizer.bpe_vocab_merges import CHATML_TEMPLATE
+    config, folder, vocab, merges, ckpt = qwen_model
+    conversations = [[{"role": "system", "content": "You are a helpful assistant."},
+                      {"role": "user", "content": f"Give me {i} reasons."}, {"role": "assistant", "content": "No."}]
+                     for i in range(3)]
+    data = tmp_path / "messages.json"
+    data.write_text("\n".join(json.dumps({"type": "chatml", "messages": m}) for m in conversations))
+    out = tmp_path / "data" / "qwen.mindrecord"
+    result = run_tool("tools/llama_preprocess.py", "--input_glob", data, "--vocab_file", vocab, "--merges_file",
+                      merges, "--seq_length", 64, "--output_file", out, "--target_ids", "--no_progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    # The reference: transformers' Qwen2 tokenizer on the same files with MindFormers' default ChatML.
+    reference = transformers.Qwen2Tokenizer.from_pretrained(str(vocab.parent))
+    reference.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    pad_id = reference.convert_tokens_to_ids("<|endoftext|>")
+    rows = list(ds.MindDataset([str(out)], shuffle=False).create_dict_iterator(num_epochs=1, output_numpy=True))
+    assert sorted(rows[0]) == ["attention_mask", "input_ids", "target_ids"] and len(rows) == 3
+    for row, messages in zip(rows, conversations):
+        ids = reference.apply_chat_template(messages, chat_template=CHATML_TEMPLATE, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        want = np.array(ids + [pad_id] * (65 - len(ids)), np.int32)
+        np.testing.assert_array_equal(row["input_ids"], want)
+        np.testing.assert_array_equal(row["target_ids"], want)
+        np.testing.assert_array_equal(row["attention_mask"], (want != pad_id).astype(np.int32))

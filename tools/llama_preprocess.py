@@ -40,7 +40,8 @@ def build_parser():
                         help="where the --val_size records go (default: an eval/ folder beside --output_file)")
     parser.add_argument("--model_file",
                         help="the tokenizer: a tokenizer.model (SentencePiece, or Llama 3's tiktoken file), a "
-                             "HuggingFace tokenizer.json or a HuggingFace model folder")
+                             "HuggingFace tokenizer.json or a HuggingFace model folder (default: none; this or "
+                             "--vocab_file is required)")
     parser.add_argument("--vocab_file", help="Qwen2's vocab.json (qwen2_preprocess.py's flag), with --merges_file")
     parser.add_argument("--merges_file", help="Qwen2's merges.txt, with --vocab_file")
     parser.add_argument("--seq_length", type=int, default=2048, help="records are seq_length+1 tokens")
@@ -53,8 +54,9 @@ def build_parser():
                         help="tokenizer processes (a tokenizer.json uses its library's threads instead); "
                              "the output bytes do not depend on it")
     parser.add_argument("--template", choices=TEMPLATE_NAMES,
-                        help="qa prompt template (default vicuna_v1.1, MindFormers' and FastChat's; with "
-                             "--vocab_file/--merges_file: hf, the tokenizer's ChatML, as qwen2_preprocess.py)")
+                        help="qa prompt template: vicuna_v1.1 is MindFormers' and FastChat's; hf with "
+                             "--vocab_file renders the tokenizer's ChatML, as qwen2_preprocess.py does "
+                             "(default: vicuna_v1.1; hf with --vocab_file)")
     parser.add_argument("--tokenizer_config", default=None,
                         help="tokenizer_config.json whose chat_template --template hf uses (default: the one "
                              "beside the tokenizer.json)")
@@ -65,6 +67,9 @@ def build_parser():
     parser.add_argument("--packing", action="store_true",
                         help="qa: pack whole samples into rows of seq_length+1 (first-fit decreasing) with their "
                              "boundaries in an actual_seq_len column; the trainer keeps samples apart")
+    parser.add_argument("--target_ids", action="store_true",
+                        help="qa: write MindFormers' Qwen2 columns (qwen2_preprocess.py's): input_ids, target_ids "
+                             "(= input_ids: every token learned) and attention_mask (0 on padding), not labels")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -95,7 +100,7 @@ def main(argv=None):
         dataset_type=args.dataset_type, seq_length=args.seq_length, file_partition=args.file_partition,
         repeat=args.repeat, num_workers=args.num_workers, template=template,
         tokenizer_config=args.tokenizer_config, on_error=args.on_error, drop_overlong=args.drop_overlong,
-        packing=args.packing,
+        packing=args.packing, target_ids=args.target_ids,
         progress=not args.no_progress, command_line=[sys.executable] + sys.argv if argv is None else argv)
     try:
         stats = preprocess(options)

@@ -37,7 +37,7 @@ from mindsft.data.conversations import normalize_record, record_tools
 from mindsft.data.mindrecord import EmptyOutputError, RowBlock, shard_names, write_mindrecord
 from mindsft.data.mixing import input_files
 from mindsft.data.packing import pack_samples
-from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, record_length
+from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, mindrecord_schema, record_length
 from mindsft.errors import ConfigError, DataError, MindsftError
 from mindsft.files import atomic_output, check_output_path
 from mindsft.templates import (check_template_tokens, chunk_arrays, chunk_texts, encode_chunk_texts,
@@ -64,6 +64,8 @@ class PreprocessOptions:
     on_error: str = "raise"
     drop_overlong: bool = False
     packing: bool = False
+    # qa: write MindFormers' Qwen2 layout (qwen2_preprocess.py's columns) instead of input_ids/labels.
+    target_ids: bool = False
     progress: bool = True
     command_line: list = None
     # Mixing (qa): one weight per input glob, or `sources` read from a manifest.
@@ -80,6 +82,8 @@ class PreprocessOptions:
     def validate(self):
         if self.dataset_type not in DATASET_TYPES:
             raise ConfigError(f"dataset_type {self.dataset_type!r} is not one of {', '.join(DATASET_TYPES)}")
+        if self.target_ids and (self.packing or self.dataset_type != "qa"):
+            raise ConfigError("the target_ids layout (MindFormers' Qwen2 columns) is for unpacked qa records")
         if self.packing and self.dataset_type != "qa":
             raise ConfigError("packing applies to qa data (wiki records are already cut from one stream)")
         if self.on_error not in ("raise", "skip"):
@@ -154,6 +158,16 @@ def pad_rows(ids, labels, lengths, seq_length, pad_id):
     """`pad_record` of many records given as flat arrays, as a `RowBlock` the writer pads."""
     return RowBlock.padded({"input_ids": ids, "labels": labels}, lengths, record_length(seq_length),
                            {"input_ids": pad_id, "labels": IGNORE_INDEX})
+
+
+def target_ids_rows(ids, labels, lengths, seq_length, pad_id):
+    """`pad_rows` in MindFormers' Qwen2 layout (research/qwen2/qwen2_preprocess.py): target_ids equal
+    to input_ids (every token learned: `labels` are not written) and attention_mask 0 where the token
+    is the pad id."""
+    ids = np.asarray(ids, np.int32)
+    return RowBlock.padded({"input_ids": ids, "target_ids": ids, "attention_mask": (ids != pad_id).astype(np.int32)},
+                           lengths, record_length(seq_length), {"input_ids": pad_id, "target_ids": pad_id,
+                                                                "attention_mask": 0})
 
 
 def pad_record(ids, labels, seq_length, pad_id):
@@ -400,7 +414,8 @@ def _qa_records(options, stats, pad_id, map_in_order):
                 bounds = np.cumsum(lengths)[:-1]
                 samples.extend(zip(np.split(ids, bounds), np.split(labels, bounds)))
             elif len(lengths):
-                yield pad_rows(ids, labels, lengths, options.seq_length, pad_id)
+                yield (target_ids_rows if options.target_ids else pad_rows)(ids, labels, lengths,
+                                                                            options.seq_length, pad_id)
             bar.update(len(outcomes))
     if options.packing:
         yield from _packed_rows(samples, options, stats, pad_id)
@@ -491,7 +506,7 @@ def preprocess(options):
         records = make_records(options, stats, tokenizer.pad_id, map_in_order)
         try:
             shards, _ = write_mindrecord(records, options.output_file, options.dataset_type, options.file_partition,
-                                         packed=options.packing)
+                                         packed=options.packing, target_ids=options.target_ids)
         except EmptyOutputError:
             raise DataError(f"{options.input_glob}: no record left to write ({stats.counts['skipped']} skipped, "
                             f"{stats.counts['dropped']} dropped); nothing written") from None
@@ -501,6 +516,7 @@ def preprocess(options):
         "seq_length": options.seq_length,
         "record_length": record_length(options.seq_length),
         "packing": options.packing,
+        "columns": list(mindrecord_schema(options.dataset_type, options.packing, options.target_ids)),
         "tokenizer": os.path.abspath(tokenizer.path),
         "tokenizer_sha256": tokenizer.sha256(),
         "tokenizer_config": getattr(template, "path", None) and os.path.abspath(template.path),

@@ -34,16 +34,19 @@ COLUMNS = {"qa": ("input_ids", "labels"), "wiki": ("input_ids",)}
 MINDRECORD_NAME = re.compile(r".*mindrecord\d*$")
 
 
-def columns(dataset_type, packed=False):
-    """The columns of a dataset type's records, the boundary column last when packed."""
+def columns(dataset_type, packed=False, target_ids=False):
+    """The columns of a dataset type's records, the boundary column last when packed; qa records in
+    MindFormers' Qwen2 layout with `target_ids`."""
     if dataset_type not in COLUMNS:
         raise DataError(f"dataset_type {dataset_type!r} is not one of {', '.join(DATASET_TYPES)}")
+    if target_ids and dataset_type == "qa":
+        return TARGET_IDS_COLUMNS
     return COLUMNS[dataset_type] + ((PACKED_COLUMN,) if packed else ())
 
 
-def mindrecord_schema(dataset_type, packed=False):
+def mindrecord_schema(dataset_type, packed=False, target_ids=False):
     """FileWriter schema for a dataset type: int32 columns of variable length."""
-    return {name: {"type": "int32", "shape": [-1]} for name in columns(dataset_type, packed)}
+    return {name: {"type": "int32", "shape": [-1]} for name in columns(dataset_type, packed, target_ids)}
 
 
 def record_length(seq_length):
