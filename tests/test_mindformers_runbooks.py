@@ -312,3 +312,67 @@ def test_preprocess_writes_mindformers_qwen2_layout_as_qwen2_preprocess_does(qwe
         np.testing.assert_array_equal(row["input_ids"], want)
         np.testing.assert_array_equal(row["target_ids"], want)
         np.testing.assert_array_equal(row["attention_mask"], (want != pad_id).astype(np.int32))
+
+
+# ---------------------------------------------------------------------------- the Llama 3.1 runbook
+
+@pytest.fixture(scope="module")
+def llama3_1_runbook(tmp_path_factory):
+    """The runbook's first steps: alpaca_converter, llama_preprocess with Meta's tiktoken
+    tokenizer.model, convert_weight --model llama --dtype bf16, on a tiny random Llama 3.1."""
+    from mindsft.demo_model import write_tiny_hf_llama
+    folder = tmp_path_factory.mktemp("llama3_1")
+    tokens = tiny_tiktoken_bytes()
+    tokenizer_model = write_tiktoken_file(folder / "tokenizer.model", tokens)
+    config = write_tiny_hf_llama(folder / "hf", family="llama3", vocab_size=len(tokens) + 256, seq_length=160)
+    alpaca = json.loads((ROOT / "mindsft/sample_data/alpaca_sample.json").read_text())[:8]
+    (folder / "alpaca_data.json").write_text(json.dumps(alpaca))
+    steps = [("tools/alpaca_converter.py", "--data_path", folder / "alpaca_data.json",
+              "--output_path", folder / "alpaca-data-conversation.json"),
+             ("tools/llama_preprocess.py", "--dataset_type", "qa", "--input_glob",
+              folder / "alpaca-data-conversation.json", "--model_file", tokenizer_model, "--seq_length", 160,
+              "--output_file", folder / "data" / "alpaca-fastchat160.mindrecord", "--no_progress"),
+             ("tools/convert_weight.py", "--model", "llama", "--input_path", folder / "hf",
+              "--output_path", folder / "llama3_1.ckpt", "--dtype", "bf16")]
+    for step in steps:
+        result = run_tool(*step)
+        assert result.returncode == 0, f"{step[0]}: {result.stderr[-2000:]}"
+    return config, folder
+
+
+def run_llama3_1_finetune(config, folder, output_dir, log_dir, *extra):
+    shape = {"seq_length": 160, "hidden_size": config.hidden_size, "num_layers": config.num_layers,
+             "num_heads": config.num_heads, "n_kv_heads": config.n_kv_heads, "vocab_size": config.vocab_size,
+             "intermediate_size": config.intermediate_size}
+    command = ["run_mindformer.py", "--register_path", "research/llama3_1",
+               "--config", YAMLS / "finetune_llama3_1_8b.yaml", "--load_checkpoint", folder / "llama3_1.ckpt",
+               "--auto_trans_ckpt", "True", "--use_parallel", "True", "--run_mode", "finetune",
+               "--train_data", folder / "data", "--device_target", "CPU", "--output_dir", output_dir, *extra]
+    for key, value in shape.items():
+        command += [f"--model.model_config.{key}", value]
+    from trainkit import free_port
+    return subprocess.run(["bash", str(ROOT / "scripts" / "msrun_launcher.sh"), " ".join(map(str, command)), "2",
+                           str(free_port()), str(log_dir), "True", "300"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_llama3_1_runbook_under_msrun_with_semi_auto_parallel_equals_data_parallel(llama3_1_runbook, tmp_path):
+    from trainkit import final_weights, worker_logs
+    config, folder = llama3_1_runbook
+    semi_auto = run_llama3_1_finetune(config, folder, tmp_path / "semi", tmp_path / "semi_logs")
+    logs = worker_logs(tmp_path / "semi_logs")
+    assert semi_auto.returncode == 0, semi_auto.stdout[-3000:] + logs
+    for line in ("parallel.parallel_mode 1 with data parallelism only: runs as data parallel",
+                 "parallel_config.data_parallel 8: 2 workers run, so data parallel is 2",
+                 "compute_dtype bfloat16, param_init_type float16, embedding_init_type bfloat16: computed in float32",
+                 "no effect here:"):
+        assert line in logs, line
+    data_parallel = run_llama3_1_finetune(config, folder, tmp_path / "dp", tmp_path / "dp_logs",
+                                          "--parallel.parallel_mode", 0)
+    assert data_parallel.returncode == 0, worker_logs(tmp_path / "dp_logs")
+    assert len(losses(tmp_path / "semi")) == 8  # 8 records, batch 1 x 2 workers, the YAML's 2 epochs
+    np.testing.assert_array_equal(losses(tmp_path / "semi"), losses(tmp_path / "dp"))
+    semi_weights, dp_weights = final_weights(tmp_path / "semi", "llama3_1_8b"), final_weights(tmp_path / "dp", "llama3_1_8b")
+    for name, value in semi_weights.items():
+        np.testing.assert_array_equal(value, dp_weights[name], err_msg=name)
