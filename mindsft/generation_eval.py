@@ -52,7 +52,7 @@ class GenerationEval:
     def from_config(cls, config, model, dataset_files):
         """From a run config: `eval_dataset.generate_samples` records of the eval data, the
         tokenizer `processor.tokenizer.vocab_file`, the settings of `generation_config`."""
-        from mindsft.tokenizer import LlamaTokenizer
+        from mindsft.tokenizer import load_tokenizer
         vocab_file = config.processor.tokenizer.vocab_file
         if not vocab_file:
             raise ConfigError("eval_dataset.predict_with_generate needs the tokenizer to read replies: set "
@@ -60,7 +60,8 @@ class GenerationEval:
         samples = reply_samples(dataset_files, config.eval_dataset.generate_samples)
         if not samples:
             raise ConfigError("eval_dataset.predict_with_generate: no eval record holds a learned reply to compare with")
-        return cls(model, LlamaTokenizer(vocab_file), samples, config.generation_config)
+        tokenizer = load_tokenizer(vocab_file, config.processor.tokenizer.merges_file)
+        return cls(model, tokenizer, samples, config.generation_config)
 
     def decode(self, tokens):
         if tokens and tokens[-1] in self.stop_ids:

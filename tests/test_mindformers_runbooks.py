@@ -341,6 +341,8 @@ def llama3_1_runbook(tmp_path_factory):
 
 
 def run_llama3_1_finetune(config, folder, output_dir, log_dir, *extra):
+    """run_mindformer.py as the runbook runs it, under the msrun launcher with 2 workers; the YAML's
+    model shape overridden by the tiny model's."""
     shape = {"seq_length": 160, "hidden_size": config.hidden_size, "num_layers": config.num_layers,
              "num_heads": config.num_heads, "n_kv_heads": config.n_kv_heads, "vocab_size": config.vocab_size,
              "intermediate_size": config.intermediate_size}
@@ -376,3 +378,28 @@ def test_llama3_1_runbook_under_msrun_with_semi_auto_parallel_equals_data_parall
     semi_weights, dp_weights = final_weights(tmp_path / "semi", "llama3_1_8b"), final_weights(tmp_path / "dp", "llama3_1_8b")
     for name, value in semi_weights.items():
         np.testing.assert_array_equal(value, dp_weights[name], err_msg=name)
+
+
+def test_auto_trans_ckpt_of_a_complete_checkpoint_is_said_and_of_a_sharded_one_refused(tmp_path):
+    from mindsft.config import load_run_config
+    from mindsft.errors import ConfigError
+    overrides = {"context.device_target": "CPU", "auto_trans_ckpt": True}
+    assert "auto_trans_ckpt" in load_run_config(YAMLS / "finetune_llama3_1_8b.yaml", overrides).no_effect
+    with pytest.raises(ConfigError, match="sharded by a parallel strategy cannot be transformed here"):
+        load_run_config(YAMLS / "finetune_llama3_1_8b.yaml", {**overrides, "src_strategy_path_or_dir": "strategy/"})
+
+
+def test_predict_takes_the_tiktoken_tokenizer_model_as_processor_vocab_file(llama3_1_runbook, tmp_path):
+    config, folder = llama3_1_runbook
+    args = ["--config", YAMLS / "finetune_llama3_1_8b.yaml", "--run_mode", "predict", "--device_target", "CPU",
+            "--use_parallel", "False", "--load_checkpoint", folder / "llama3_1.ckpt", "--output_dir", tmp_path,
+            "--processor.tokenizer.vocab_file", folder / "tokenizer.model", "--predict_data", "Give three tips",
+            "--max_new_tokens", 4, "--template", "vicuna_v1.1"]
+    for key in ("hidden_size", "num_layers", "num_heads", "n_kv_heads", "vocab_size", "intermediate_size"):
+        args += [f"--model.model_config.{key}", getattr(config, key)]
+    result = run_tool("run_mindformer.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "generated_predictions.jsonl").read_text().splitlines()[0])
+    # The prompt is the vicuna text the tiktoken model encoded and decoded; the reply, of a random model,
+    # is whatever its 4 tokens decode to.
+    assert record["prompt"].endswith("USER: Give three tips ASSISTANT:") and isinstance(record["predict"], str)
