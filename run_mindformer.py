@@ -27,6 +27,11 @@ FLAG_KEYS = {
     "max_new_tokens": "generation_config.max_new_tokens", "do_sample": "generation_config.do_sample",
     "temperature": "generation_config.temperature", "top_k": "generation_config.top_k",
     "top_p": "generation_config.top_p", "num_beams": "generation_config.num_beams",
+    # Accepted as MindFormers takes them; the run says in one line what they change here.
+    "register_path": "register_path", "auto_trans_ckpt": "auto_trans_ckpt",
+    "src_strategy_path_or_dir": "src_strategy_path_or_dir", "only_save_strategy": "only_save_strategy",
+    "remote_save_url": "remote_save_url", "sink_mode": "runner_config.sink_mode", "profile": "profile",
+    "mode": "context.mode", "device_id": "context.device_id",
 }
 
 
@@ -58,6 +63,17 @@ def parse_args(argv):
     parser.add_argument("--top_p", help="generation_config.top_p")
     parser.add_argument("--num_beams", help="generation_config.num_beams (> 1: beam search; with "
                                             "length_penalty and early_stopping as transformers reads them)")
+    parser.add_argument("--register_path", help="MindFormers' research folder (research/llama3_1, research/qwen2_5): "
+                                                "accepted, the families are built in")
+    parser.add_argument("--auto_trans_ckpt", help="True: MindFormers' checkpoint transformation; a complete "
+                                                  "checkpoint needs none, a sharded one is refused")
+    parser.add_argument("--src_strategy_path_or_dir", help="the strategy of a sharded load_checkpoint (refused)")
+    parser.add_argument("--only_save_strategy", help="accepted, no effect")
+    parser.add_argument("--remote_save_url", help="accepted, no effect")
+    parser.add_argument("--sink_mode", help="accepted, no effect (the loop feeds step by step)")
+    parser.add_argument("--profile", help="accepted, no effect")
+    parser.add_argument("--mode", help="context.mode: 0 graph, 1 PyNative")
+    parser.add_argument("--device_id", help="context.device_id")
     parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE", help="dotted YAML overrides")
     args, rest = parser.parse_known_args(argv)
     overrides = {FLAG_KEYS[name]: value for name, value in vars(args).items()

@@ -86,6 +86,7 @@ class DatasetConfig:
     numa_enable: bool = False
     prefetch_size: int = 1
     output_columns: Optional[List[str]] = None
+    construct_args_key: Optional[List[str]] = None   # which model argument each column feeds (Ascend)
     # eval_dataset only: also answer the first generate_samples records and score the replies
     # (BLEU-4, ROUGE) with generation_config's settings (mindsft/generation_eval.py).
     predict_with_generate: bool = False
@@ -142,7 +143,7 @@ class ParallelModeConfig:
 
 @dataclasses.dataclass
 class RecomputeConfig:
-    recompute: bool = False
+    recompute: Any = False      # True, or layers per pipeline stage ([7, 7])
     select_recompute: Any = False
     parallel_optimizer_comm_recompute: bool = False
     mp_comm_recompute: bool = True
@@ -197,11 +198,16 @@ class ContextConfig:
 @dataclasses.dataclass
 class TokenizerConfig:
     type: str = "LlamaTokenizer"
+    # A tokenizer.model (SentencePiece or tiktoken), a tokenizer.json, a HuggingFace folder, or
+    # Qwen2's vocab.json with merges_file beside it (mindsft.tokenizer.load_tokenizer).
     vocab_file: Optional[str] = None
-    unk_token: str = "<unk>"
-    bos_token: str = "<s>"
-    eos_token: str = "</s>"
-    pad_token: str = "<unk>"
+    merges_file: Optional[str] = None
+    unk_token: Optional[str] = "<unk>"
+    bos_token: Optional[str] = "<s>"
+    eos_token: Optional[str] = "</s>"
+    pad_token: Optional[str] = "<unk>"
+    model_max_length: Optional[int] = None   # the model's seq_length is what bounds a sequence
+    auto_register: Optional[str] = None      # MindFormers' research tokenizer classes are built in here
 
 
 @dataclasses.dataclass
@@ -278,11 +284,16 @@ class RunConfig:
     auto_tune: bool = False
     filepath_prefix: str = "./autotune"
     autotune_per_step: int = 10
+    remote_save_url: Optional[str] = None   # ModelArts/OBS upload target
+    # run_mindformer.py --register_path: MindFormers' research folder to import; the families are built in.
+    register_path: Optional[str] = None
 
     # Built once by `build_run_config` from the sections above; not YAML keys.
     model_config: Optional[LlamaConfig] = dataclasses.field(default=None, init=False)
     lora: Optional[LoraConfig] = dataclasses.field(default=None, init=False)
     no_effect: List[str] = dataclasses.field(default_factory=list, init=False)
+    # One line each about a setting taken differently from what the YAML says (printed by run.py).
+    notes: List[str] = dataclasses.field(default_factory=list, init=False)
 
     @property
     def pet_config(self):
@@ -396,6 +407,9 @@ NO_EFFECT_KEYS = (
     "only_save_strategy", "micro_batch_interleave_num", "metric", "eval_callbacks", "moe_config", "profile",
     "profile_start_step", "profile_stop_step", "init_start_profile", "profile_communication", "profile_memory",
     "layer_scale", "layer_decay", "lr_scale", "lr_scale_factor", "auto_tune", "filepath_prefix", "autotune_per_step",
+    "remote_save_url", "register_path", "train_dataset.construct_args_key", "eval_dataset.construct_args_key",
+    "processor.tokenizer.model_max_length", "processor.tokenizer.auto_register",
+    "parallel.parallel_optimizer_config",
 )
 
 
@@ -481,7 +495,26 @@ def build_run_config(raw):
     config.model_config = resolve_model_config(config)
     config.lora = resolve_lora(config)
     config.no_effect = no_effect_settings(config)
+    config.notes = cpu_precision_notes(config)
     return config
+
+
+def cpu_precision_notes(config):
+    """On CPU, half-precision compute_dtype/param_init_type/embedding_init_type become float32
+    (MindSpore's CPU kernels lack bfloat16 for several ops the model uses): one line saying so."""
+    if config.context.device_target != "CPU":
+        return []
+    model = config.model_config
+    embedding = config.model.model_config.get("embedding_init_type")
+    halves = [f"{key} {value}" for key, value in (("compute_dtype", model.compute_dtype),
+                                                  ("param_init_type", model.param_init_type),
+                                                  ("embedding_init_type", embedding))
+              if value is not None and str(value).lower() not in ("float32", "fp32")]
+    if not halves:
+        return []
+    model.compute_dtype = model.param_init_type = "float32"
+    return [f"model_config {', '.join(halves)}: computed in float32 on CPU (MindSpore's CPU kernels are "
+            "float32); the YAML's dtypes apply on Ascend/GPU"]
 
 
 def validate(config):
@@ -514,6 +547,10 @@ def validate(config):
                         config.callbacks.checkpoint.checkpoint_format if config.callbacks.checkpoint else "ckpt")):
         if value not in formats:
             raise ConfigError(f"{key} {value!r} is not one of ckpt, safetensors{nearest_hint(value, formats)}")
+    if config.auto_trans_ckpt and config.src_strategy_path_or_dir:
+        raise ConfigError(f"auto_trans_ckpt with src_strategy_path_or_dir {config.src_strategy_path_or_dir!r}: "
+                          "a checkpoint sharded by a parallel strategy cannot be transformed here; merge it into "
+                          "one complete checkpoint first (MindFormers' transform_checkpoint.py) and load that")
     if not isinstance(config.model.model_config, dict):
         raise ConfigError("model.model_config must be a mapping of model settings")
     validate_quantization(config)

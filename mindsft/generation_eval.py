@@ -10,7 +10,7 @@ from mindsft.data.schema import IGNORE_INDEX
 from mindsft.errors import ConfigError
 from mindsft.generate import GenerationConfig, Generator
 from mindsft.metrics import similarity_scores
-from mindsft.tokenizer import LlamaTokenizer
+from mindsft.tokenizer import load_tokenizer
 
 
 def reply_samples(files, limit):
@@ -60,7 +60,8 @@ class GenerationEval:
         samples = reply_samples(dataset_files, config.eval_dataset.generate_samples)
         if not samples:
             raise ConfigError("eval_dataset.predict_with_generate: no eval record holds a learned reply to compare with")
-        return cls(model, LlamaTokenizer(vocab_file), samples, config.generation_config)
+        tokenizer = load_tokenizer(vocab_file, config.processor.tokenizer.merges_file)
+        return cls(model, tokenizer, samples, config.generation_config)
 
     def decode(self, tokens):
         if tokens and tokens[-1] in self.stop_ids:

@@ -303,7 +303,7 @@ def run(config):
         raise ConfigError("run_mode predict needs the tokenizer: set processor.tokenizer.vocab_file "
                           "(--processor.tokenizer.vocab_file PATH/tokenizer.model, PATH/tokenizer.json or an "
                           "HF model folder)")
-    tokenizer = load_tokenizer(tokenizer_file)
+    tokenizer = load_tokenizer(tokenizer_file, config.processor.tokenizer.merges_file)
     template_name, source = resolve_template(config)
     if source is None:
         print(f"template: {template_name} (no training record beside {config.load_checkpoint}: a base model "

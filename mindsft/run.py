@@ -6,6 +6,8 @@ def run(config):
     """Run `config.run_mode` on a loaded RunConfig; returns the mode's result mapping."""
     if config.no_effect:
         print(f"accepted for MindFormers compatibility, no effect here: {', '.join(config.no_effect)}")
+    for note in config.notes:
+        print(note)
     # Each mode's module imports MindSpore (seconds, ~480 MB): only the mode that runs loads it,
     # so a config error is reported before any of that.
     if config.run_mode in ("train", "finetune"):

@@ -383,18 +383,27 @@ class HFChatTemplate(Template):
     def __init__(self, tokenizer_config_path=None, tokenizer=None):
         if tokenizer_config_path is None and tokenizer is not None:
             tokenizer_config_path = tokenizer.config_path
-        if tokenizer_config_path is None:
+        if tokenizer_config_path is None and getattr(tokenizer, "chat_template", None):
+            # A tokenizer built from files without a config (Qwen2's vocab.json + merges.txt)
+            # carries its own template and special tokens.
+            config, folder = dict(tokenizer.config, chat_template=tokenizer.chat_template), None
+            path = tokenizer.path
+        elif tokenizer_config_path is None:
             raise ConfigError("template 'hf' needs the path of a tokenizer_config.json with a chat_template "
                               "(--tokenizer_config, or a tokenizer.json with its tokenizer_config.json beside it)")
-        path = os.fspath(tokenizer_config_path)
-        try:
-            config = read_json_file(path, "tokenizer config")
-        except MindsftError as err:
-            raise ConfigError(str(err)) from None
-        source = read_chat_template(config, os.path.dirname(os.path.abspath(path)))
+        else:
+            path = os.fspath(tokenizer_config_path)
+            try:
+                config = read_json_file(path, "tokenizer config")
+            except MindsftError as err:
+                raise ConfigError(str(err)) from None
+            folder = os.path.dirname(os.path.abspath(path))
+        source = read_chat_template(config, folder)
         if not isinstance(source, str):
             raise ConfigError(f"{path}: no chat_template to use for template 'hf'")
-        self.path = path
+        # The config file the template came from (recorded with the data, so predict renders the
+        # same), None when it is the tokenizer's own; `where` names it in messages.
+        self.path, self.where = (path if folder is not None else None), path
         self.special_tokens = {key: token_text(config.get(key)) for key in SPECIAL_TOKEN_KEYS
                                if token_text(config.get(key)) is not None}
         self.bos_text = self.special_tokens.get("bos_token")
@@ -431,7 +440,7 @@ class HFChatTemplate(Template):
                 raise DataError("message 0: a conversation cannot open with an assistant turn")
             before = self._render(messages[:index], True, tools)
             if not text.startswith(before):
-                raise ConfigError(f"{self.path}: chat_template does not render the text before reply {index} "
+                raise ConfigError(f"{self.where}: chat_template does not render the text before reply {index} "
                                   "as the start of the whole conversation, so reply spans cannot be found")
             begins.append((index, len(before)))
         spans = []
@@ -444,7 +453,7 @@ class HFChatTemplate(Template):
                 continue
             upto = self._render(messages[:index + 1], False, tools)
             if not text.startswith(upto) or len(upto) < begin:
-                raise ConfigError(f"{self.path}: reply {index} ends with none of {', '.join(self.end_texts)} "
+                raise ConfigError(f"{self.where}: reply {index} ends with none of {', '.join(self.end_texts)} "
                                   "and the template does not render the conversation up to it as a prefix")
             spans.append((begin, len(upto)))
         missing_bos = self.adds_missing_bos and self.bos_text and not text.startswith(self.bos_text)

@@ -41,5 +41,5 @@ def test_defaults_shown_are_the_real_ones():
                             env=dict(env(), COLUMNS="200"), capture_output=True, text=True, timeout=120)
     entries = flag_entries(result.stdout)
     assert entries["--seq_length"].endswith("(default: 2048)")
-    assert entries["--template"].endswith("(default: vicuna_v1.1)")
-    assert entries["--model_file"].endswith("(required)")
+    assert entries["--template"].endswith("(default: vicuna_v1.1; hf with --vocab_file)")
+    assert entries["--model_file"].endswith("this or --vocab_file is required)")

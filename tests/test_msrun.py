@@ -52,13 +52,23 @@ def test_two_nodes_of_one_worker_each_train_together(tmp_path, dataset, single_p
     assert_same_run(single_process_run, out)
 
 
-def test_data_parallel_must_match_the_worker_count(tmp_path, dataset):
-    out = tmp_path / "bad"
+def test_semi_auto_parallel_of_data_parallelism_only_runs_as_data_parallel_over_the_workers(
+        tmp_path, dataset, single_process_run):
+    # MindFormers' research YAMLs: parallel_mode 1, data_parallel 8, optimizer sharding, sequence
+    # parallelism; on 2 CPU workers that is the data-parallel run, said in one line each.
+    out = tmp_path / "semi_auto"
     result = run_msrun(cli_args(out, dataset / "qa", dataset / "start.ckpt",
-                                **{"parallel_config.data_parallel": 4}), tmp_path / "logs")
-    assert result.returncode != 0
-    assert "data_parallel 4 x model_parallel 1 x pipeline_stage 1 = 4, but 2 workers run" in worker_logs(tmp_path / "logs")
-    assert not (out / "metrics.jsonl").exists()
+                                **{"runner_config.batch_size": 2, "runner_config.epochs": 2,
+                                   "parallel.parallel_mode": 1, "parallel_config.data_parallel": 8,
+                                   "parallel.enable_parallel_optimizer": True,
+                                   "parallel_config.use_seq_parallel": True}), tmp_path / "logs")
+    logs = worker_logs(tmp_path / "logs")
+    assert result.returncode == 0, logs
+    for line in ("parallel.parallel_mode 1 with data parallelism only: runs as data parallel over the msrun workers",
+                 "parallel_config.data_parallel 8: 2 workers run, so data parallel is 2",
+                 "parallel.enable_parallel_optimizer True: the optimizer state is not sharded on CPU"):
+        assert line in logs
+    assert_same_run(single_process_run, out)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -38,9 +38,12 @@ def build_parser():
                              "count (> 1); they go to --eval_output_file")
     parser.add_argument("--eval_output_file",
                         help="where the --val_size records go (default: an eval/ folder beside --output_file)")
-    parser.add_argument("--model_file", required=True,
-                        help="the tokenizer: a SentencePiece tokenizer.model, a HuggingFace tokenizer.json "
-                             "or a HuggingFace model folder")
+    parser.add_argument("--model_file",
+                        help="the tokenizer: a tokenizer.model (SentencePiece, or Llama 3's tiktoken file), a "
+                             "HuggingFace tokenizer.json or a HuggingFace model folder (default: none; this or "
+                             "--vocab_file is required)")
+    parser.add_argument("--vocab_file", help="Qwen2's vocab.json (qwen2_preprocess.py's flag), with --merges_file")
+    parser.add_argument("--merges_file", help="Qwen2's merges.txt, with --vocab_file")
     parser.add_argument("--seq_length", type=int, default=2048, help="records are seq_length+1 tokens")
     parser.add_argument("--output_file", required=True,
                         help="output path, e.g. out/alpaca.mindrecord; with --file_partition N the shards "
@@ -50,8 +53,10 @@ def build_parser():
     parser.add_argument("--num_workers", type=int, default=1,
                         help="tokenizer processes (a tokenizer.json uses its library's threads instead); "
                              "the output bytes do not depend on it")
-    parser.add_argument("--template", default="vicuna_v1.1", choices=TEMPLATE_NAMES,
-                        help="qa prompt template (vicuna_v1.1 is MindFormers' and FastChat's)")
+    parser.add_argument("--template", choices=TEMPLATE_NAMES,
+                        help="qa prompt template: vicuna_v1.1 is MindFormers' and FastChat's; hf with "
+                             "--vocab_file renders the tokenizer's ChatML, as qwen2_preprocess.py does "
+                             "(default: vicuna_v1.1; hf with --vocab_file)")
     parser.add_argument("--tokenizer_config", default=None,
                         help="tokenizer_config.json whose chat_template --template hf uses (default: the one "
                              "beside the tokenizer.json)")
@@ -62,6 +67,9 @@ def build_parser():
     parser.add_argument("--packing", action="store_true",
                         help="qa: pack whole samples into rows of seq_length+1 (first-fit decreasing) with their "
                              "boundaries in an actual_seq_len column; the trainer keeps samples apart")
+    parser.add_argument("--target_ids", action="store_true",
+                        help="qa: write MindFormers' Qwen2 columns (qwen2_preprocess.py's): input_ids, target_ids "
+                             "(= input_ids: every token learned) and attention_mask (0 on padding), not labels")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -73,6 +81,11 @@ def main(argv=None):
         parser.error("give --input_glob (one or more globs) or --mix_manifest")
     if args.input_glob and args.mix_manifest:
         parser.error("give --input_glob or --mix_manifest, not both")
+    if bool(args.vocab_file) != bool(args.merges_file):
+        parser.error("--vocab_file and --merges_file go together (Qwen2's vocab.json and merges.txt)")
+    if bool(args.model_file) == bool(args.vocab_file):
+        parser.error("give the tokenizer once: --model_file, or --vocab_file with --merges_file")
+    template = args.template or ("hf" if args.vocab_file else "vicuna_v1.1")
     try:
         sources, strategy = read_manifest(args.mix_manifest) if args.mix_manifest else (None, None)
     except user_errors() as err:
@@ -82,11 +95,12 @@ def main(argv=None):
         input_glob=args.input_glob if args.input_glob is None or len(args.input_glob) > 1 else args.input_glob[0],
         sources=sources, mix_weights=args.mix_weights, mix_strategy=strategy or args.mix_strategy,
         max_samples=args.max_samples, seed=args.seed, val_size=args.val_size,
-        eval_output_file=args.eval_output_file, model_file=args.model_file, output_file=args.output_file,
+        eval_output_file=args.eval_output_file, model_file=args.model_file or args.vocab_file,
+        merges_file=args.merges_file, output_file=args.output_file,
         dataset_type=args.dataset_type, seq_length=args.seq_length, file_partition=args.file_partition,
-        repeat=args.repeat, num_workers=args.num_workers, template=args.template,
+        repeat=args.repeat, num_workers=args.num_workers, template=template,
         tokenizer_config=args.tokenizer_config, on_error=args.on_error, drop_overlong=args.drop_overlong,
-        packing=args.packing,
+        packing=args.packing, target_ids=args.target_ids,
         progress=not args.no_progress, command_line=[sys.executable] + sys.argv if argv is None else argv)
     try:
         stats = preprocess(options)

@@ -135,13 +135,13 @@ def _existing_outputs(output_file):
     return [os.path.join(folder, n) for n in os.listdir(folder) if pattern.match(n)] if os.path.isdir(folder) else []
 
 
-def write_mindrecord(records_iter, output_file, dataset_type, partitions=1, packed=False):
+def write_mindrecord(records_iter, output_file, dataset_type, partitions=1, packed=False, target_ids=False):
     """Write records ({column: int sequence}, or `RowBlock`s of them) to MindRecord shards; returns
     (shard paths, count)."""
     if partitions < 1:
         raise DataError(f"file_partition must be at least 1, got {partitions}")
-    columns = record_columns(dataset_type, packed)
-    schema = mindrecord_schema(dataset_type, packed)
+    columns = record_columns(dataset_type, packed, target_ids)
+    schema = mindrecord_schema(dataset_type, packed, target_ids)
     if any(spec != {"type": "int32", "shape": [-1]} for spec in schema.values()):
         raise DataError(f"{dataset_type}: rows are written as int32 arrays only; the schema asks {schema}")
     output_file = os.path.abspath(os.fspath(output_file))

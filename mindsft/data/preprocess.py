@@ -38,7 +38,7 @@ from mindsft.data.conversations import normalize_record, record_tools
 from mindsft.data.mindrecord import EmptyOutputError, RowBlock, shard_names, write_mindrecord
 from mindsft.data.mixing import input_files
 from mindsft.data.packing import pack_samples
-from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, record_length
+from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, mindrecord_schema, record_length
 from mindsft.errors import ConfigError, DataError, MindsftError
 from mindsft.output_files import atomic_output, check_output_path
 from mindsft.templates import check_template_tokens, encode_segment_arrays, get_template
@@ -53,6 +53,7 @@ class PreprocessOptions:
     input_glob: object  # a glob, or a list of globs (one mix source each)
     model_file: str
     output_file: str
+    merges_file: str = None   # with a vocab.json as model_file: Qwen2's byte-level BPE pair
     dataset_type: str = "qa"
     seq_length: int = 2048
     file_partition: int = 1
@@ -63,6 +64,8 @@ class PreprocessOptions:
     on_error: str = "raise"
     drop_overlong: bool = False
     packing: bool = False
+    # qa: write MindFormers' Qwen2 layout (qwen2_preprocess.py's columns) instead of input_ids/labels.
+    target_ids: bool = False
     progress: bool = True
     command_line: list = None
     # Mixing (qa): one weight per input glob, or `sources` read from a manifest.
@@ -79,6 +82,8 @@ class PreprocessOptions:
     def validate(self):
         if self.dataset_type not in DATASET_TYPES:
             raise ConfigError(f"dataset_type {self.dataset_type!r} is not one of {', '.join(DATASET_TYPES)}")
+        if self.target_ids and (self.packing or self.dataset_type != "qa"):
+            raise ConfigError("the target_ids layout (MindFormers' Qwen2 columns) is for unpacked qa records")
         if self.packing and self.dataset_type != "qa":
             raise ConfigError("packing applies to qa data (wiki records are already cut from one stream)")
         if self.on_error not in ("raise", "skip"):
@@ -155,6 +160,16 @@ def pad_rows(ids, labels, lengths, seq_length, pad_id):
                            {"input_ids": pad_id, "labels": IGNORE_INDEX})
 
 
+def target_ids_rows(ids, labels, lengths, seq_length, pad_id):
+    """`pad_rows` in MindFormers' Qwen2 layout (research/qwen2/qwen2_preprocess.py): target_ids equal
+    to input_ids (every token learned: `labels` are not written) and attention_mask 0 where the token
+    is the pad id."""
+    ids = np.asarray(ids, np.int32)
+    return RowBlock.padded({"input_ids": ids, "target_ids": ids, "attention_mask": (ids != pad_id).astype(np.int32)},
+                           lengths, record_length(seq_length), {"input_ids": pad_id, "target_ids": pad_id,
+                                                                "attention_mask": 0})
+
+
 def pad_record(ids, labels, seq_length, pad_id):
     """The MindRecord row: right-padded with `pad_id` (input_ids) and -100 (labels)."""
     length = record_length(seq_length)
@@ -174,14 +189,14 @@ def qa_record(ids, learned, seq_length, pad_id, drop_overlong=False):
 _WORKER = {}
 
 
-def _init_worker(model_file, template, tokenizer_config, seq_length, drop_overlong, tokenizer=None):
+def _init_worker(model_file, merges_file, template, tokenizer_config, seq_length, drop_overlong, tokenizer=None):
     _WORKER.clear()
     _WORKER.update(seq_length=seq_length, drop_overlong=drop_overlong)
     # Workers start before the main process has checked the tokenizer and template: a mistake is
     # kept for the first task (the main process reports it first, in one line) rather than raised
     # here, where the pool would print its traceback and start the worker again.
     try:
-        _WORKER["tokenizer"] = tokenizer or load_tokenizer(model_file)
+        _WORKER["tokenizer"] = tokenizer or load_tokenizer(model_file, merges_file)
         _WORKER["template"] = get_template(template, tokenizer_config, _WORKER["tokenizer"])
     except MindsftError as err:
         _WORKER["error"] = err
@@ -261,7 +276,7 @@ def _chunked(iterable, size):
 def _checked_tokenizer(options):
     """(tokenizer, template or None) of a run; a bad tokenizer or template, or a template the
     tokenizer cannot spell, fails here, before any record is read."""
-    tokenizer = load_tokenizer(options.model_file)
+    tokenizer = load_tokenizer(options.model_file, options.merges_file)
     template = None
     if options.dataset_type == "qa":
         template = get_template(options.template, options.tokenizer_config, tokenizer)
@@ -275,7 +290,7 @@ def _workers(options):
     tokenizer.json's encoding in a thread beside it), or in a pool of `num_workers` started first,
     so they load the tokenizer while this process loads and checks its own and reads the input.
     The output does not depend on which."""
-    init_args = (options.model_file, options.template, options.tokenizer_config,
+    init_args = (options.model_file, options.merges_file, options.template, options.tokenizer_config,
                  options.seq_length, options.drop_overlong)
     # A tokenizer.json is encoded here: the `tokenizers` library spreads each chunk over the cores on
     # its own threads, which measured cheaper than worker processes that each start and load it
@@ -399,7 +414,8 @@ def _qa_records(options, stats, pad_id, map_in_order):
                 bounds = np.cumsum(lengths)[:-1]
                 samples.extend(zip(np.split(ids, bounds), np.split(labels, bounds)))
             elif len(lengths):
-                yield pad_rows(ids, labels, lengths, options.seq_length, pad_id)
+                yield (target_ids_rows if options.target_ids else pad_rows)(ids, labels, lengths,
+                                                                            options.seq_length, pad_id)
             bar.update(len(outcomes))
     if options.packing:
         yield from _packed_rows(samples, options, stats, pad_id)
@@ -490,7 +506,7 @@ def preprocess(options):
         records = make_records(options, stats, tokenizer.pad_id, map_in_order)
         try:
             shards, _ = write_mindrecord(records, options.output_file, options.dataset_type, options.file_partition,
-                                         packed=options.packing)
+                                         packed=options.packing, target_ids=options.target_ids)
         except EmptyOutputError:
             raise DataError(f"{options.input_glob}: no record left to write ({stats.counts['skipped']} skipped, "
                             f"{stats.counts['dropped']} dropped); nothing written") from None
@@ -500,6 +516,7 @@ def preprocess(options):
         "seq_length": options.seq_length,
         "record_length": record_length(options.seq_length),
         "packing": options.packing,
+        "columns": list(mindrecord_schema(options.dataset_type, options.packing, options.target_ids)),
         "tokenizer": os.path.abspath(tokenizer.path),
         "tokenizer_sha256": tokenizer.sha256(),
         "tokenizer_config": getattr(template, "path", None) and os.path.abspath(template.path),

@@ -24,22 +24,30 @@ PACKED_COLUMN = "actual_seq_len"
 BATCH_COLUMNS = ("input_ids", "labels", PACKED_COLUMN)
 BATCH_DTYPES = {name: np.int32 for name in BATCH_COLUMNS}
 
+# MindFormers' Qwen2 layout (research/qwen2/qwen2_preprocess.py): target_ids (= input_ids) and
+# attention_mask (0 on padding); the trainer turns them into `labels` as MindFormers trains them:
+# position t learns target_ids[t + 1] wherever attention_mask[t] is 1 (see train/batches.py).
+TARGET_IDS_COLUMNS = ("input_ids", "target_ids", "attention_mask")
+
 DATASET_TYPES = ("qa", "wiki")
 COLUMNS = {"qa": ("input_ids", "labels"), "wiki": ("input_ids",)}
 # MindFormers' reader only takes files named like x.mindrecord, x.mindrecord0, x.mindrecord12.
 MINDRECORD_NAME = re.compile(r".*mindrecord\d*$")
 
 
-def columns(dataset_type, packed=False):
-    """The columns of a dataset type's records, the boundary column last when packed."""
+def columns(dataset_type, packed=False, target_ids=False):
+    """The columns of a dataset type's records, the boundary column last when packed; qa records in
+    MindFormers' Qwen2 layout with `target_ids`."""
     if dataset_type not in COLUMNS:
         raise DataError(f"dataset_type {dataset_type!r} is not one of {', '.join(DATASET_TYPES)}")
+    if target_ids and dataset_type == "qa":
+        return TARGET_IDS_COLUMNS
     return COLUMNS[dataset_type] + ((PACKED_COLUMN,) if packed else ())
 
 
-def mindrecord_schema(dataset_type, packed=False):
+def mindrecord_schema(dataset_type, packed=False, target_ids=False):
     """FileWriter schema for a dataset type: int32 columns of variable length."""
-    return {name: {"type": "int32", "shape": [-1]} for name in columns(dataset_type, packed)}
+    return {name: {"type": "int32", "shape": [-1]} for name in columns(dataset_type, packed, target_ids)}
 
 
 def record_length(seq_length):

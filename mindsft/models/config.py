@@ -99,6 +99,9 @@ class LlamaConfig:
         "is_dynamic", "scaling_factor", "extend_method", "parallel_optimizer", "fused_rms_norm",
         "embedding_init_type", "pp_interleave_num", "use_ring_attention",
         "output_attentions", "output_hidden_states", "return_dict",
+        # Qwen's keys that MindFormers' research Qwen2.5 YAMLs carry into a LlamaConfig, which
+        # swallows them unread (its rope base is `theta`): no effect in MindFormers either.
+        "emb_dropout_prob", "rotary_pct", "rotary_emb_base",
     })
     # MindFormers name -> our field name.
     MINDFORMERS_RENAMES = {"theta": "rope_theta", "ignore_token_id": "ignore_index",

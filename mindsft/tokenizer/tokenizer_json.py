@@ -71,7 +71,6 @@ class JsonTokenizer(Tokenizer):
             self.backend = Backend.from_file(path)
         except Exception as err:  # the library raises plain Exceptions for malformed files
             raise TokenizerError(f"{path}: not a readable tokenizer.json ({err})") from None
-        self.path = path
         folder = os.path.dirname(os.path.abspath(path))
         if config_file is None and os.path.isfile(os.path.join(folder, CONFIG_FILE)):
             config_file = os.path.join(folder, CONFIG_FILE)
@@ -82,8 +81,14 @@ class JsonTokenizer(Tokenizer):
         if config_file is not None:
             config.update(read_json_file(config_file, "tokenizer config"))
         self.config_path = None if config_file is None else os.fspath(config_file)
+        self._set_up(path, config, read_chat_template(config, folder), folder)
+
+    def _set_up(self, path, config, chat_template, folder):
+        """The special tokens and end ids of `self.backend`, from a tokenizer config mapping (also
+        used by the tokenizers built in memory from other files: tiktoken, vocab.json + merges.txt)."""
+        self.path = path
         self.config = config
-        self.chat_template = read_chat_template(config, folder)
+        self.chat_template = chat_template
         self.added = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items()}
 
         self.bos_text = token_text(config.get("bos_token"))

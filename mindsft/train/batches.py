@@ -15,8 +15,8 @@ rows can be cut to their batch's longest learned position rounded up to a multip
 import numpy as np
 import mindspore.dataset as ds
 
-from mindsft.data.schema import (BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, PACKED_COLUMN, dataset_manifest,
-                                  mindrecord_files, record_length)
+from mindsft.data.schema import (BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, PACKED_COLUMN, TARGET_IDS_COLUMNS,
+                                  dataset_manifest, mindrecord_files, record_length)
 from mindsft.data.split import recorded_eval_dataset_dir
 from mindsft.errors import DataError
 
@@ -27,13 +27,16 @@ def build_data(config, dataset, rank, world_size, train=True):
     if not train and not dataset_dir:
         # llama_preprocess --val_size wrote eval records beside the train ones and recorded where.
         dataset_dir = recorded_eval_dataset_dir(config.train_dataset.data_loader.dataset_dir)
-    return ShardedBatches(
+    batches = ShardedBatches(
         dataset_dir, config.model_config.seq_length, config.runner_config.batch_size,
         data_parallel=world_size, rank=rank,
         accumulation_steps=config.runner_config.gradient_accumulation_steps if train else 1,
         shuffle=dataset.data_loader.shuffle if train else False, seed=config.seed,
         drop_remainder=dataset.drop_remainder if train else False, pad_to_multiple_of=dataset.pad_to_multiple_of,
         what="train_dataset" if train else "eval_dataset", input_columns=dataset.input_columns)
+    if batches.column_note and rank == 0:
+        print(batches.column_note, flush=True)
+    return batches
 
 
 class ShardedBatches:
@@ -57,23 +60,40 @@ class ShardedBatches:
         except RuntimeError as exc:  # mindrecord_files checked what it can; MindSpore found more
             raise DataError(f"{dataset_dir}: MindSpore cannot read these MindRecord files "
                             f"({str(exc).strip().splitlines()[0][:200]})") from None
-        unknown = [c for c in input_columns if c not in BATCH_COLUMNS]
+        known = BATCH_COLUMNS + TARGET_IDS_COLUMNS
+        unknown = [c for c in input_columns if c not in known]
         if unknown:
             raise DataError(f"{what}.input_columns: {', '.join(unknown)} is not a column the model takes "
-                            f"({', '.join(BATCH_COLUMNS)})")
-        # As MindFormers: the columns read are the YAML's input_columns that the records hold, so a
-        # pretraining config (input_ids only) learns every token of qa records too.
+                            f"({', '.join(known)})")
+        held = probe.get_col_names()
+        # The data's layout decides: mindsft's (input_ids, labels) or MindFormers' Qwen2 one
+        # (input_ids, target_ids, attention_mask). As MindFormers: a config whose input_columns
+        # name no targets (pretraining: input_ids only) learns every token of qa records too.
         # Sample boundaries are read whenever the records hold them, listed or not: packed rows
         # computed without them would mix their samples.
-        self.columns = [c for c in BATCH_COLUMNS if (c in input_columns or c == PACKED_COLUMN)
-                        and c in probe.get_col_names()]
+        wants_targets = any(c in input_columns for c in ("labels", "target_ids"))
+        self.target_ids = wants_targets and all(c in held for c in TARGET_IDS_COLUMNS)
+        if self.target_ids:
+            self.columns = list(TARGET_IDS_COLUMNS)
+        else:
+            self.columns = [c for c in BATCH_COLUMNS if (c in input_columns or c == PACKED_COLUMN
+                                                         or (c == "labels" and wants_targets)) and c in held]
+        missing = [c for c in input_columns if c not in held]
+        self.column_note = None
+        if missing and "input_ids" in held:
+            self.column_note = (f"{what}.input_columns {', '.join(input_columns)}: the records in {dataset_dir} "
+                                f"hold {', '.join(held)}; trained on those "
+                                f"({'labels: the tokens they mark' if 'labels' in self.columns else 'every token'})")
         if "input_ids" not in self.columns:
-            raise DataError(f"{dataset_dir}: records have no 'input_ids' column (columns: {probe.get_col_names()})")
+            raise DataError(f"{dataset_dir}: records have no 'input_ids' column (columns: {held})")
         if self.num_records == 0:
             raise DataError(f"{dataset_dir}: the dataset is empty (0 records)")
         first = next(probe.create_dict_iterator(num_epochs=1, output_numpy=True))
         self.record_length = int(first["input_ids"].shape[0])
-        if self.record_length != record_length(seq_length):
+        # MindFormers' Qwen2 rows are seq_length + 1 tokens or seq_length (its model drops the last
+        # input token either way).
+        lengths = (record_length(seq_length), seq_length) if self.target_ids else (record_length(seq_length),)
+        if self.record_length not in lengths:
             raise DataError(f"{dataset_dir}: records hold {self.record_length} tokens but model seq_length "
                             f"{seq_length} needs {record_length(seq_length)} (seq_length + 1)")
         self.packed = PACKED_COLUMN in self.columns
@@ -175,8 +195,23 @@ def learned_batch(columns):
     target equal to the pad id, which with Llama 3 (pad = id 0 = "!") would unlearn real text.
     """
     batch = {name: np.asarray(columns[name], BATCH_DTYPES[name]) for name in BATCH_COLUMNS if name in columns}
-    batch["labels"] = batch["labels"].copy() if "labels" in batch else batch["input_ids"].copy()
+    if "target_ids" in columns:
+        batch["labels"] = target_ids_labels(columns["target_ids"], columns["attention_mask"])
+    else:
+        batch["labels"] = batch["labels"].copy() if "labels" in batch else batch["input_ids"].copy()
     return batch
+
+
+def target_ids_labels(target_ids, attention_mask):
+    """`labels` of MindFormers' Qwen2 layout, as its LlamaForCausalLM trains it: the target of
+    position t is target_ids[t + 1], learned where attention_mask[t] is 1 (its input mask: the input
+    token is not padding) and the target is not -100. Labels are stored unshifted, so
+    labels[t + 1] carries it."""
+    target_ids = np.asarray(target_ids, np.int32)
+    learned = (np.asarray(attention_mask)[:, :-1] == 1) & (target_ids[:, 1:] != IGNORE_INDEX)
+    labels = np.full_like(target_ids, IGNORE_INDEX)
+    labels[:, 1:] = np.where(learned, target_ids[:, 1:], IGNORE_INDEX)
+    return labels
 
 
 def cut_to_learned(batch, multiple):

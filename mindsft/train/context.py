@@ -8,21 +8,35 @@ from mindsft.errors import ConfigError
 
 
 def check_parallel_settings(config):
-    """Settings MindSpore cannot honour on this device, refused before any work starts."""
+    """Settings MindSpore cannot honour on this device, refused before any work starts; returns one
+    line for each setting a CPU run takes as plain data parallel instead."""
     if not config.use_parallel:
-        return
+        return []
     device = config.context.device_target
     pc, mode = config.parallel_config, config.parallel
-    if device == "CPU":
-        refused = [(pc.model_parallel > 1, f"parallel_config.model_parallel {pc.model_parallel}"),
-                   (pc.pipeline_stage > 1, f"parallel_config.pipeline_stage {pc.pipeline_stage}"),
-                   (mode.enable_parallel_optimizer, "parallel.enable_parallel_optimizer True"),
-                   (pc.use_seq_parallel, "parallel_config.use_seq_parallel True")]
-        for bad, setting in refused:
-            if bad:
-                raise ConfigError(f"{setting}: MindSpore's semi-auto parallel (tensor/pipeline/optimizer sharding) "
-                                  "only runs on Ascend/GPU; on CPU only data parallel is possible "
-                                  "(set it to 1/False and use data_parallel)")
+    if device != "CPU":
+        return []
+    refused = [(pc.model_parallel > 1, f"parallel_config.model_parallel {pc.model_parallel}"),
+               (pc.pipeline_stage > 1, f"parallel_config.pipeline_stage {pc.pipeline_stage}"),
+               (pc.context_parallel > 1, f"parallel_config.context_parallel {pc.context_parallel}")]
+    for bad, setting in refused:
+        if bad:
+            raise ConfigError(f"{setting}: MindSpore's semi-auto parallel (tensor/pipeline/optimizer sharding) "
+                              "only runs on Ascend/GPU; on CPU only data parallel is possible "
+                              "(set it to 1/False and use data_parallel)")
+    notes = []
+    if mode.parallel_mode in (1, 2, 3):
+        # With model_parallel = pipeline_stage = 1 the only strategy semi-auto parallel can pick
+        # is the data-parallel one, which the msrun workers run as it is.
+        notes.append(f"parallel.parallel_mode {mode.parallel_mode} with data parallelism only: runs as data "
+                     "parallel over the msrun workers")
+    if mode.enable_parallel_optimizer:
+        notes.append("parallel.enable_parallel_optimizer True: the optimizer state is not sharded on CPU; "
+                     "each worker keeps all of it (the updates are the same)")
+    if pc.use_seq_parallel:
+        notes.append("parallel_config.use_seq_parallel True: no effect with model_parallel 1 (sequence "
+                     "parallelism splits over the model-parallel group)")
+    return notes
 
 
 def mindspore_context_settings(context):
@@ -40,7 +54,7 @@ def mindspore_context_settings(context):
 
 def setup_context(config):
     """Device, graph mode, seed, and the data-parallel group. Returns (rank, world_size)."""
-    check_parallel_settings(config)
+    notes = check_parallel_settings(config)
     ms.set_context(mode=ms.GRAPH_MODE if config.context.mode == 0 else ms.PYNATIVE_MODE)
     ms.set_device(config.context.device_target)
     # Always: MindFormers' default call depth (10000) is not MindSpore's (1000), which a 22-layer
@@ -59,6 +73,13 @@ def setup_context(config):
         raise ConfigError(f"use_parallel True needs the msrun launcher (scripts/msrun_launcher.sh): {exc}") from None
     rank, world_size = get_rank(), get_group_size()
     pc = config.parallel_config
+    if pc.model_parallel == pc.pipeline_stage == 1 and pc.data_parallel != world_size:
+        notes.append(f"parallel_config.data_parallel {pc.data_parallel}: {world_size} workers run, so data "
+                     f"parallel is {world_size}")
+        pc.data_parallel = world_size
+    if rank == 0:
+        for note in notes:
+            print(note, flush=True)
     if pc.data_parallel * pc.model_parallel * pc.pipeline_stage != world_size:
         raise ConfigError(f"parallel_config: data_parallel {pc.data_parallel} x model_parallel {pc.model_parallel} "
                           f"x pipeline_stage {pc.pipeline_stage} = "
