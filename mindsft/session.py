@@ -304,3 +304,52 @@ def drop_oldest_turns(session, messages, system, reserve):
         messages = messages[2:]
         dropped += 1
 
+
+
+# ---- the model flags chat and serve share (as run_mindformer.py --run_mode predict takes them) ----
+
+MODEL_FLAGS = {
+    "load_checkpoint": "load_checkpoint", "template": "template", "seed": "seed",
+    "device_target": "context.device_target", "vocab_file": "processor.tokenizer.vocab_file",
+    "max_new_tokens": "generation_config.max_new_tokens", "do_sample": "generation_config.do_sample",
+    "temperature": "generation_config.temperature", "top_k": "generation_config.top_k",
+    "top_p": "generation_config.top_p", "repetition_penalty": "generation_config.repetition_penalty",
+}
+MODEL_FLAGS_EPILOG = ("Any other YAML key can be set with a dotted flag (--generation_config.max_new_tokens 64, "
+                      "--processor.tokenizer.vocab_file PATH).")
+
+
+def add_model_arguments(parser):
+    parser.add_argument("--config", required=True, help="run config YAML (the model's settings and tokenizer)")
+    parser.add_argument("--load_checkpoint", help="the weights: a .ckpt, a training output folder, or a "
+                                                  "HuggingFace model folder")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]FOLDER",
+                        help="a PEFT LoRA adapter on the base, served as model NAME (repeatable)")
+    parser.add_argument("--model_name", default=DEFAULT_MODEL_NAME, help="the base model's name in the API")
+    parser.add_argument("--template", help="prompt template (default: the one training recorded, else the "
+                                           "tokenizer's chat_template, else raw)")
+    parser.add_argument("--vocab_file", help="processor.tokenizer.vocab_file: tokenizer.model, tokenizer.json "
+                                             "or an HF folder (default: the YAML's, else the HF weights folder)")
+    parser.add_argument("--max_new_tokens", help="generation_config.max_new_tokens")
+    parser.add_argument("--do_sample", help="generation_config.do_sample (False: greedy)")
+    parser.add_argument("--temperature", help="generation_config.temperature")
+    parser.add_argument("--top_k", help="generation_config.top_k")
+    parser.add_argument("--top_p", help="generation_config.top_p")
+    parser.add_argument("--repetition_penalty", help="generation_config.repetition_penalty")
+    parser.add_argument("--seed", help="seed of sampling")
+    parser.add_argument("--device_target", help="CPU, GPU or Ascend")
+    parser.add_argument("--max_batch", type=int, default=8, help="sequences decoded together")
+
+
+def run_config_from_arguments(parser, args, rest):
+    """The RunConfig of parsed model flags plus `--dotted.key value` pairs in `rest`."""
+    from mindsft.config import load_run_config
+    overrides = {key: getattr(args, flag) for flag, key in MODEL_FLAGS.items() if getattr(args, flag) is not None}
+    if len(rest) % 2:
+        parser.error(f"dotted overrides come in pairs (--a.b value): {' '.join(rest)}")
+    for flag, value in zip(rest[::2], rest[1::2]):
+        if not flag.startswith("--"):
+            parser.error(f"unexpected argument {flag!r}")
+        overrides[flag[2:]] = value
+    overrides.setdefault("run_mode", "predict")
+    return load_run_config(args.config, overrides)
