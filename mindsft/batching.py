@@ -109,6 +109,10 @@ class ContinuousBatcher:
             self.condition.notify()
         return request
 
+    def load(self):
+        """{"running": rows decoding, "waiting": requests queued}."""
+        return {"running": sum(row is not None for row in self.rows), "waiting": len(self.waiting)}
+
     def stop(self, timeout=10.0):
         """End the loop; requests still waiting or running are told ("done", "cancelled")."""
         with self.condition:

@@ -253,7 +253,7 @@ def create_app(session, api_key=None):
         check_fields(body, allowed)
         return body
 
-    def prepare(settings, prompt_ids):
+    def prepare(settings, prompt_ids, prompt_param):
         try:
             adapter = session.adapter_of(settings["model"])
             config = session.settings(settings["max_tokens"], settings["temperature"], settings["top_p"],
@@ -261,7 +261,8 @@ def create_app(session, api_key=None):
             budget = session.token_budget(prompt_ids, config, explicit=settings["max_tokens"] is not None)
         except RequestError as err:
             status = 404 if err.code == "model_not_found" else 400
-            raise ApiError(status, str(err), err.param, err.code) from None
+            param = prompt_param if err.param == "messages" else err.param
+            raise ApiError(status, str(err), param, err.code) from None
         except DataError as err:
             raise bad(str(err)) from None
         settings["config"] = config
@@ -274,7 +275,7 @@ def create_app(session, api_key=None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", **session.batcher.load()}
 
     async def respond(request, kind, settings, prompt_ids, adapter, budget):
         loop = asyncio.get_running_loop()
@@ -339,7 +340,7 @@ def create_app(session, api_key=None):
             prompt_ids = session.chat_prompt(messages)
         except DataError as err:
             raise bad(f"messages: {err}", "messages", "invalid_value") from None
-        adapter, budget = prepare(settings, prompt_ids)
+        adapter, budget = prepare(settings, prompt_ids, "messages")
         return await respond(request, "chat", settings, prompt_ids, adapter, budget)
 
     @app.post("/v1/completions")
@@ -356,7 +357,7 @@ def create_app(session, api_key=None):
         if not prompt:
             raise bad("prompt: empty", "prompt", "invalid_value")
         prompt_ids = session.text_prompt(prompt)
-        adapter, budget = prepare(settings, prompt_ids)
+        adapter, budget = prepare(settings, prompt_ids, "prompt")
         return await respond(request, "completion", settings, prompt_ids, adapter, budget)
 
     return app
@@ -365,8 +366,12 @@ def create_app(session, api_key=None):
 def serve(session, host="127.0.0.1", port=8000, api_key=None, log_level="info"):
     """Serve until SIGINT/SIGTERM (uvicorn stops accepting, lets open replies end, then the decode
     loop stops)."""
+    import signal
     import uvicorn
     app = create_app(session, api_key)
+    # uvicorn handles SIGTERM itself, then raises it again once stopped: a no-op handler lets
+    # that second delivery pass, so the decode loop stops and the process exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     try:

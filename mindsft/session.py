@@ -86,6 +86,7 @@ class Adapters:
     arrays: Dict[str, dict]
 
     def switch(self, name):
+        from mindspore import Tensor, ops
         from mindsft.lora import adapter_state
         params = adapter_state(self.model)
         chosen = self.arrays.get(name)
@@ -94,8 +95,8 @@ class Adapters:
                 value = chosen[param_name]
             else:
                 value = np.zeros(param.shape, np.float32) if "lora_b" in param_name else param.asnumpy()
-            import mindspore as ms
-            param.set_data(ms.Tensor(np.asarray(value)).astype(param.dtype))
+            # In place: a compiled decode step keeps reading the parameter's own buffer.
+            ops.assign(param, Tensor(np.asarray(value)).astype(param.dtype))
 
 
 class GenerationSession:
@@ -159,7 +160,7 @@ class GenerationSession:
         room = self.context_length - len(prompt_ids)
         if room < 1:
             raise RequestError(f"the prompt is {len(prompt_ids)} tokens, the model's context is {self.context_length}; "
-                               "shorten the messages", param="messages", code="context_length_exceeded")
+                               "shorten it", param="messages", code="context_length_exceeded")
         wanted = config.new_token_budget(len(prompt_ids))
         if explicit and wanted > room:
             raise RequestError(f"this model's context is {self.context_length} tokens: a prompt of "
