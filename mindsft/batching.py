@@ -77,6 +77,7 @@ class ContinuousBatcher:
         self.condition = threading.Condition()
         self.stopping = False
         self.steps = 0
+        self.cancelled = 0
 
         def put_row(row_mask, *caches):
             count = len(caches) // 2
@@ -110,8 +111,9 @@ class ContinuousBatcher:
         return request
 
     def load(self):
-        """{"running": rows decoding, "waiting": requests queued}."""
-        return {"running": sum(row is not None for row in self.rows), "waiting": len(self.waiting)}
+        """{"running": rows decoding, "waiting": requests queued, "cancelled": rows given up so far}."""
+        return {"running": sum(row is not None for row in self.rows), "waiting": len(self.waiting),
+                "cancelled": self.cancelled}
 
     def stop(self, timeout=10.0):
         """End the loop; requests still waiting or running are told ("done", "cancelled")."""
@@ -149,6 +151,7 @@ class ContinuousBatcher:
     def _drop_cancelled(self):
         for index in self._active():
             if self.rows[index].request.cancelled:
+                self.cancelled += 1
                 self._finish(index, "done", "cancelled")
         with self.condition:
             kept = [r for r in self.waiting if not r.cancelled]
