@@ -286,10 +286,20 @@ def create_app(session, api_key=None):
 
         if not settings["stream"]:
             texts, choices = {}, {}
-            async for choice, piece in generate_choices(session, loop, prompt_ids, settings, adapter, budget):
-                choices[choice.index] = choice
-                if piece:
-                    texts[choice.index] = texts.get(choice.index, "") + piece
+
+            async def collect():
+                async for choice, piece in generate_choices(session, loop, prompt_ids, settings, adapter, budget):
+                    choices[choice.index] = choice
+                    if piece:
+                        texts[choice.index] = texts.get(choice.index, "") + piece
+            task = asyncio.ensure_future(collect())
+            # A client that hangs up frees its rows (cancelling the task cancels its requests).
+            while not task.done():
+                await asyncio.wait([task], timeout=0.5)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    return JSONResponse(ApiError(499, "client disconnected").body(), status_code=499)
+            task.result()
             out = []
             for index in sorted(choices):
                 text = texts.get(index, "")
