@@ -84,6 +84,7 @@ class ContinuousBatcher:
         self.stopping = False
         self.steps = 0
         self.cancelled = 0
+        self.moves = 0
 
         def put_rows(rows, *caches):
             count = len(caches) // 2
@@ -234,6 +235,7 @@ class ContinuousBatcher:
 
     def _move(self, shift):
         """Move every row's slots `shift` to the left (right when negative)."""
+        self.moves += 1
         index = np.clip(np.arange(self.cache_length) + shift, 0, self.cache_length - 1).astype(np.int32)
         self.caches = self.move_slots(Tensor(index), *self.caches)
         moved = np.zeros_like(self.cache_mask)
