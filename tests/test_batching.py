@@ -90,3 +90,4 @@ def test_a_cancelled_sequence_gives_its_row_up(models):
         assert session.batcher.load() == {"running": 0, "waiting": 0, "cancelled": 1}
     finally:
         session.close()
+
