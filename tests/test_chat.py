@@ -1,7 +1,7 @@
-"""tools/chat.py in a pseudo-terminal: each turn's reply is transformers' greedy reply to the
-conversation so far in the model's template, /clear forgets it, /exit quits; a conversation
-longer than the context drops its oldest turns and says so; the template is the one training
-recorded, else the tokenizer's chat_template, else raw."""
+"""The chat (tools/chat.py, run_mindformer.py --run_mode chat) in a pseudo-terminal: each turn's
+reply is transformers' greedy reply to the conversation so far in the model's template, /clear
+forgets it, /exit quits; a conversation longer than the context drops its oldest turns and says
+so; the template is the one training recorded, else the tokenizer's chat_template, else raw."""
 import io
 import json
 import sys
@@ -47,9 +47,11 @@ def greedy_reply(hf, tokenizer, messages, system=None):
 def test_a_terminal_session_replies_as_greedy_generation_over_the_history(model_dir):
     hf = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(model_dir)
-    child = pexpect.spawn(sys.executable, [str(ROOT / "tools" / "chat.py"), "--config", str(TINY_YAML),
-                                           "--load_checkpoint", str(model_dir), "--template", TEMPLATE,
-                                           "--max_new_tokens", str(MAX_NEW), "--system", SYSTEM],
+    # run_mindformer.py --run_mode chat is tools/chat.py.
+    child = pexpect.spawn(sys.executable, [str(ROOT / "run_mindformer.py"), "--run_mode", "chat",
+                                           "--config", str(TINY_YAML), "--load_checkpoint", str(model_dir),
+                                           "--template", TEMPLATE, "--max_new_tokens", str(MAX_NEW),
+                                           "--system", SYSTEM],
                           cwd=str(ROOT), env=dict(env(), PYTHONIOENCODING="utf-8"), encoding="utf-8",
                           codec_errors="replace", timeout=240, echo=False)
     try:
