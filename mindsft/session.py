@@ -9,13 +9,15 @@ continuous-batching decode loop (`mindsft.batching`).
 import dataclasses
 import os
 import queue
-from typing import Dict, List, Optional
+from typing import Dict
 
 import numpy as np
+from mindspore import Tensor, ops
 
 from mindsft.batching import ContinuousBatcher, Request
 from mindsft.errors import ConfigError, DataError
-from mindsft.generation_config import GenerationConfig
+from mindsft.lora import adapter_state
+from mindsft.lora_config import LORA_B
 from mindsft.predict import generation_settings, recorded_tokenizer_config, resolve_template
 from mindsft.templates import get_template
 
@@ -86,15 +88,14 @@ class Adapters:
     arrays: Dict[str, dict]
 
     def switch(self, name):
-        from mindspore import Tensor, ops
-        from mindsft.lora import adapter_state
+        """Make adapter `name`'s weights the model's (None: the base)."""
         params = adapter_state(self.model)
         chosen = self.arrays.get(name)
         for param_name, param in params.items():
             if chosen is not None:
                 value = chosen[param_name]
             else:
-                value = np.zeros(param.shape, np.float32) if "lora_b" in param_name else param.asnumpy()
+                value = np.zeros(param.shape, np.float32) if LORA_B in param_name else param.asnumpy()
             # In place: a compiled decode step keeps reading the parameter's own buffer.
             ops.assign(param, Tensor(np.asarray(value)).astype(param.dtype))
 
