@@ -47,6 +47,32 @@ class Request:
         self.cancelled = True
 
 
+def put_rows(rows, *caches):
+    """The batch's caches (the first half) with rows [k, 1] replaced by the new caches (the second half)."""
+    count = len(caches) // 2
+    out = ()
+    for index in range(count):
+        out = out + (ops.tensor_scatter_update(caches[index], rows, caches[count + index]),)
+    return out
+
+
+def move_slots(slot_index, *caches):
+    """The caches with slot j taken from slot slot_index[j]."""
+    out = ()
+    for cache in caches:
+        out = out + (ops.gather(cache, slot_index, 2),)
+    return out
+
+
+def emit(request, event):
+    """Hand `event` to the request's sink; a sink that fails (its client's event loop is gone)
+    cancels its own request, never the loop."""
+    try:
+        request.sink(event)
+    except Exception:
+        request.cancelled = True
+
+
 class Row:
     """A request being decoded in one row of the cache."""
 
@@ -74,7 +100,6 @@ class ContinuousBatcher:
         self.pad_id, self.prompt_bucket = pad_id, prompt_bucket
         self.switch_adapter = switch_adapter
         self.active_adapter = None
-        self.generator = Generator(model, prompt_bucket)
         self.caches = None
         self.cache_mask = np.zeros((1, cache_length), np.int32)
         self.write_slot = 0
@@ -86,23 +111,16 @@ class ContinuousBatcher:
         self.cancelled = 0
         self.moves = 0
 
-        def put_rows(rows, *caches):
-            count = len(caches) // 2
-            out = ()
-            for index in range(count):
-                out = out + (ops.tensor_scatter_update(caches[index], rows, caches[count + index]),)
-            return out
-
-        def move_slots(slot_index, *caches):
-            out = ()
-            for cache in caches:
-                out = out + (ops.gather(cache, slot_index, 2),)
-            return out
-
-        self.put_rows = ms.jit(put_rows)
-        self.move_slots = ms.jit(move_slots)
+        self._compile_functions()
         self.thread = threading.Thread(target=self._loop, name="mindsft-decode", daemon=True)
         self.thread.start()
+
+    def _compile_functions(self):
+        """The compiled prefill/decode steps, row scatter and slot move. After a failed call
+        MindSpore's compiled functions fail every later call too, so an error builds them anew."""
+        self.generator = Generator(self.model, self.prompt_bucket)
+        self.put_rows = ms.jit(put_rows)
+        self.move_slots = ms.jit(move_slots)
 
     def prompt_slots(self, prompt_length):
         """Slots a prompt of this many tokens takes (left-padded to the prompt bucket)."""
@@ -146,11 +164,13 @@ class ContinuousBatcher:
                 except Exception as err:  # a failed step fails the requests in it, not the server
                     for index in self._active():
                         self._finish(index, "error", f"generation failed: {type(err).__name__}: {err}")
+                    self._compile_functions()
+                    self.caches = None
         for index in self._active():
             self._finish(index, "done", "cancelled")
         with self.condition:
             while self.waiting:
-                self.waiting.popleft().sink(("done", "cancelled"))
+                emit(self.waiting.popleft(), ("done", "cancelled"))
 
     def _active(self):
         return [index for index, row in enumerate(self.rows) if row is not None]
@@ -164,7 +184,7 @@ class ContinuousBatcher:
             kept = [r for r in self.waiting if not r.cancelled]
             for request in self.waiting:
                 if request.cancelled:
-                    request.sink(("done", "cancelled"))
+                    emit(request, ("done", "cancelled"))
             self.waiting = collections.deque(kept)
 
     def _fit_rows(self):
@@ -218,7 +238,8 @@ class ContinuousBatcher:
             self._admit(group)
         except Exception as err:
             for request in group:
-                request.sink(("error", f"generation failed: {type(err).__name__}: {err}"))
+                emit(request, ("error", f"generation failed: {type(err).__name__}: {err}"))
+            self._compile_functions()
             for index, row in enumerate(self.rows):
                 if row is not None and any(row.request is r for r in group):
                     self.rows[index] = None
@@ -292,7 +313,7 @@ class ContinuousBatcher:
         row.chooser.record(np.array([token], np.int32), np.array([True]))
         row.generated += 1
         row.last_token = token
-        row.request.sink(("token", token))
+        emit(row.request, ("token", token))
         if token in row.request.stop_ids:
             self._finish(index, "done", "stop")
         elif row.generated >= row.request.max_new_tokens:
@@ -302,7 +323,7 @@ class ContinuousBatcher:
         row = self.rows[index]
         self.rows[index] = None
         self.cache_mask[index] = 0
-        row.request.sink((kind, detail))
+        emit(row.request, (kind, detail))
 
     def _decode_step(self):
         if self.write_slot >= self.cache_length:

@@ -1,6 +1,7 @@
 """The continuous-batching decode loop: sequences that join a running batch at different steps,
 with prompts of different lengths, through cache moves at the end of the slots, each get
-exactly transformers' greedy reply as if alone; a cancelled one gives its row up at once."""
+exactly transformers' greedy reply as if alone; a cancelled one gives its row up at once; a
+failed one fails alone."""
 import json
 import queue
 import threading
@@ -91,3 +92,30 @@ def test_a_cancelled_sequence_gives_its_row_up(models):
     finally:
         session.close()
 
+
+
+def run_to_end(session, prompt):
+    events = queue.Queue()
+    session.submit(prompt, session.settings(temperature=0), events.put)
+    tokens = []
+    while True:
+        kind, value = events.get(timeout=120)
+        if kind != "token":
+            return tokens, (kind, value)
+        tokens.append(value)
+
+
+def test_a_failed_generation_fails_its_request_and_the_next_one_succeeds(models):
+    model, hf, tokenizer = models
+    session = GenerationSession(model, tokenizer, get_template("raw"), {"max_new_tokens": 8}, max_batch=2)
+    prompt = session.text_prompt(PROMPTS[0])
+    try:
+        _, end = run_to_end(session, [tokenizer.bos_id, 10 ** 6])  # an id past the vocabulary
+        tokens, after = run_to_end(session, prompt)
+    finally:
+        session.close()
+    assert end[0] == "error" and "generation failed" in end[1]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
+                          eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    assert tokens == out[0, len(prompt):].tolist() and after[0] == "done"
