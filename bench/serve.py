@@ -1,7 +1,7 @@
 """Serving throughput: 8 requests one after another vs 8 clients at once against tools/serve.py
 (a real server process, spoken to with the openai client, greedy, streamed), on a random Llama.
 
-    python bench/serve.py [--hidden 256 --layers 4 --clients 8 --max_tokens 48]
+    python bench/serve.py [--hidden 512 --layers 4 --clients 8 --max_tokens 48]
 
 Prints the aggregate tokens/s (all generated tokens over the wall time from the first request
 to the last reply) and the time to first token (the first streamed text) at each load, and the
@@ -84,7 +84,7 @@ def report(label, results, seconds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv_heads", type=int, default=4)
