@@ -14,6 +14,9 @@ from mindsft.cli import YamlOverrideHelpFormatter
 from mindsft.config import RUN_MODES, load_run_config
 from mindsft.errors import report, user_errors
 
+# Run modes with command lines of their own (mindsft/chat.py, mindsft/server.py).
+TALK_MODES = ("chat", "serve")
+
 # Flag → the YAML key it sets (MindFormers' mapping).
 FLAG_KEYS = {
     "run_mode": "run_mode", "load_checkpoint": "load_checkpoint", "output_dir": "output_dir",
@@ -38,7 +41,9 @@ FLAG_KEYS = {
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=YamlOverrideHelpFormatter)
     parser.add_argument("--config", required=True, help="run config YAML (MindFormers' schema)")
-    parser.add_argument("--run_mode", choices=RUN_MODES, help="train | finetune (same loop) | eval | predict")
+    parser.add_argument("--run_mode", choices=RUN_MODES + TALK_MODES,
+                        help="train | finetune (same loop) | eval | predict | chat | serve (chat and serve take "
+                             "tools/chat.py's and tools/serve.py's flags)")
     parser.add_argument("--load_checkpoint", help="weights to start from: a .ckpt, or a folder holding one")
     parser.add_argument("--train_dataset_dir", help="folder of MindRecord files (llama_preprocess output)")
     parser.add_argument("--eval_dataset_dir", help="folder of MindRecord files for eval")
@@ -92,8 +97,26 @@ def parse_args(argv):
     return args.config, overrides
 
 
+def talk_mode(argv):
+    """`chat` or `serve` when --run_mode asks for one, else None."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--run_mode" and value in TALK_MODES:
+            return value
+    return None
+
+
 def main(argv=None):
-    config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--run_mode=") else [arg])]
+    mode = talk_mode(argv)
+    if mode is not None:
+        rest = [a for i, a in enumerate(argv) if a != "--run_mode" and (i == 0 or argv[i - 1] != "--run_mode")]
+        if mode == "chat":
+            from mindsft.chat import main as chat_main
+            return chat_main(rest)
+        from mindsft.server import main as serve_main
+        return serve_main(rest)
+    config_path, overrides = parse_args(argv)
     try:
         config = load_run_config(config_path, overrides)
         from mindsft.run import run

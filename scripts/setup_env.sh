@@ -9,5 +9,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,serve]"
 python -m pip install -q --no-deps "fschat==0.2.36"

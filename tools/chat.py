@@ -1,0 +1,10 @@
+"""Chat with a model in the terminal (see mindsft/chat.py; --help lists the flags)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mindsft.chat import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
