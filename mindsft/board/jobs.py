@@ -3,6 +3,10 @@ with its output in a log file and its exit status written when it ends, all insi
 folder. Nothing of a job lives only in the board's memory: a board started again (or a page
 reopened) finds running and finished jobs by their folders.
 
+msrun starts its workers in sessions of their own, so a job's processes are not one process
+group: each carries `MINDSFT_BOARD_JOB=<token>` in its environment (inherited by everything it
+starts), and the board finds them by it in /proc, after a restart too.
+
 A job folder holds `board_job.json` (kind, command, pid, start time), `board_job.log` and, once
 the command has ended, `board_exit_status`. A training run's job folder is its output_dir.
 """
@@ -20,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 JOB_FILE = "board_job.json"
 LOG_FILE = "board_job.log"
 STATUS_FILE = "board_exit_status"
+STOPPED_FILE = "board_stopped"   # stop was asked: whatever status the killed command leaves, it was stopped
 # The shell writes the command's exit status when it ends; a job killed by stop has no status file.
 WRAPPER = 'status_file=$1; shift; "$@"; echo $? > "$status_file"'
 
@@ -29,13 +34,17 @@ def display(argv):
     return shlex.join(argv)
 
 
-def job_env():
+TAG = "MINDSFT_BOARD_JOB"
+
+
+def job_env(token):
     """The board's own environment, with its python first on PATH (the command says `python`)
     and MindSpore's INFO/WARNING lines quiet unless the person asked for them."""
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.setdefault("GLOG_v", "3")
     env["PYTHONUNBUFFERED"] = "1"
+    env[TAG] = token
     return env
 
 
@@ -43,15 +52,17 @@ def start(folder, kind, argv, info=None, append_log=False):
     """Run `argv` from the project root as a detached process whose files live in `folder`."""
     os.makedirs(folder, exist_ok=True)
     status_path = os.path.join(folder, STATUS_FILE)
-    if os.path.exists(status_path):
-        os.remove(status_path)
+    for leftover in (status_path, os.path.join(folder, STOPPED_FILE)):
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    token = f"{os.path.abspath(folder)}:{time.time_ns()}"
     with open(os.path.join(folder, LOG_FILE), "a" if append_log else "w") as log:
         log.write(f"$ {display(argv)}\n")
         log.flush()
-        process = subprocess.Popen(["sh", "-c", WRAPPER, "sh", status_path, *argv], cwd=ROOT, env=job_env(),
+        process = subprocess.Popen(["sh", "-c", WRAPPER, "sh", status_path, *argv], cwd=ROOT, env=job_env(token),
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-    record = {"kind": kind, "command": argv, "display": display(argv), "pid": process.pid,
+    record = {"kind": kind, "command": argv, "display": display(argv), "pid": process.pid, "token": token,
               "started": time.time(), **(info or {})}
     write_text_atomic(os.path.join(folder, JOB_FILE), json.dumps(record, indent=2))
     return record
@@ -67,12 +78,31 @@ def read_job(folder):
     return record if isinstance(record, dict) else None
 
 
-def group_alive(pid):
-    try:
-        os.killpg(int(pid), 0)
-    except (ProcessLookupError, PermissionError, ValueError, OSError):
-        return False
-    return True
+def job_processes(record):
+    """The pids of every live process the job started (those whose environment carries its token)."""
+    marker = f"{TAG}={record.get('token')}".encode() + b"\0"
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read() + b"\0"
+            with open(f"/proc/{name}/stat", "rb") as f:
+                zombie = f.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
+        except OSError:
+            continue
+        if not zombie and (b"\0" + marker in b"\0" + environ):
+            found.append(int(name))
+    return found
+
+
+def signal_all(pids, signum):
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def exit_status(folder):
@@ -89,25 +119,26 @@ def state(folder):
     if record is None:
         return None
     status = exit_status(folder)
+    if status != 0 and os.path.exists(os.path.join(folder, STOPPED_FILE)):
+        return "running" if job_processes(record) else "stopped"
     if status is not None:
         return "finished" if status == 0 else "failed"
-    return "running" if group_alive(record["pid"]) else "stopped"
+    return "running" if job_processes(record) else "stopped"
 
 
 def stop(folder, grace_seconds=15.0):
-    """End a running job and every process it started (msrun's workers are in its session)."""
+    """End a running job and every process it started, msrun's workers included."""
     record = read_job(folder)
-    if record is None or not group_alive(record["pid"]):
+    if record is None or not job_processes(record):
         return False
-    pgid = int(record["pid"])
-    os.killpg(pgid, signal.SIGTERM)
+    write_text_atomic(os.path.join(folder, STOPPED_FILE), f"{time.time()}\n")
+    signal_all(job_processes(record), signal.SIGTERM)
     deadline = time.time() + grace_seconds
-    while time.time() < deadline and group_alive(pgid):
+    while time.time() < deadline and job_processes(record):
         time.sleep(0.2)
-    if group_alive(pgid):
-        os.killpg(pgid, signal.SIGKILL)
-        while group_alive(pgid):
-            time.sleep(0.1)
+    while job_processes(record):
+        signal_all(job_processes(record), signal.SIGKILL)
+        time.sleep(0.1)
     return True
 
 

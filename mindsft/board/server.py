@@ -6,6 +6,7 @@ shows it and nothing is started. Training runs live in their output folders (by 
 finds them all.
 """
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -59,7 +60,13 @@ def read_metrics(output_dir):
 def create_app(runs_dir):
     runs_dir = os.path.abspath(runs_dir)
     jobs_dir = os.path.join(runs_dir, JOBS_FOLDER)
-    app = FastAPI(title="mindsft board")
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # Reached on SIGTERM / Ctrl-C once the server has closed its connections.
+        print("mindsft board: stopped (runs it started go on; a board started again finds them)", flush=True)
+
+    app = FastAPI(title="mindsft board", lifespan=lifespan)
     chat_state = {"model": None}
     chat_lock = asyncio.Lock()
 
@@ -81,11 +88,11 @@ def create_app(runs_dir):
             raise BadInput("the request is not a JSON object of fields")
         return fields
 
-    @app.exception_handler(Exception)
-    async def errors(request, exc):
-        if isinstance(exc, user_error_types()):
-            return JSONResponse({"error": one_line(exc)}, status_code=400)
-        return JSONResponse({"error": f"board bug: {type(exc).__name__}: {exc}"}, status_code=500)
+    async def user_error(request, exc):
+        return JSONResponse({"error": one_line(exc)}, status_code=400)
+
+    for error_type in user_error_types():
+        app.add_exception_handler(error_type, user_error)
 
     @app.get("/", response_class=HTMLResponse)
     def page():
@@ -276,7 +283,8 @@ def _template_names():
 
 
 def serve(host="127.0.0.1", port=7860, runs_dir="board_runs"):
-    """Serve the board until SIGTERM or Ctrl-C (uvicorn stops cleanly on both)."""
+    """Serve the board until SIGTERM or Ctrl-C: uvicorn closes its connections, runs the shutdown,
+    then ends the process by that signal again (so the exit status says which signal stopped it)."""
     import uvicorn
     os.makedirs(runs_dir, exist_ok=True)
     print(f"mindsft board: http://{host}:{port}/ (runs in {os.path.abspath(runs_dir)})", flush=True)
