@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Supervised fine-tuning of Llama-family models in MindSpore",
     packages=find_packages(include=["mindsft", "mindsft.*"]),
-    package_data={"mindsft": ["sample_data/*.json", "models/*.cc"]},
+    package_data={"mindsft": ["sample_data/*.json", "models/*.cc", "board/page.html"]},
     python_requires=">=3.9",
     install_requires=[
         "mindspore==2.10.0",
@@ -25,6 +25,10 @@ setup(
                  "nltk==3.10.4", "rouge-chinese==1.0.3",
                  # The reference for dataset mixing and the validation split; pyarrow 25+ needs numpy 2.
                  "datasets==5.2.0", "pyarrow==24.0.0",
-                 "bitsandbytes==0.50.2"],  # QLoRA parity; its CPU backend is what quant.py matches
+                 "bitsandbytes==0.50.2",  # QLoRA parity; its CPU backend is what quant.py matches
+                 # The board's test drives Debian's chromium through its own chromedriver.
+                 "selenium>=4.20"],
+        # The web board (tools/board.py): one page served locally, nothing fetched at run time.
+        "board": ["fastapi>=0.110", "uvicorn>=0.29"],
     },
 )

@@ -238,6 +238,7 @@ def test_board_prepares_trains_watches_resumes_exports_and_chats(page, work):
 
     # Evaluate the exported model on the prepared data.
     page.tab("evaluate")
+    assert page.el("eval-data").get_attribute("value") == str(data_file.parent)   # kept over the reload
     page.fill(eval_ckpt=work / "merged-hf", eval_output=work / "eval")
     page.click("eval-run")
     page.wait_state("eval")
@@ -270,3 +271,106 @@ def test_board_prepares_trains_watches_resumes_exports_and_chats(page, work):
         generated = generated[:generated.index(hf_model.config.eos_token_id)]
     assert reply == tokenizer.decode(generated).strip()
     assert reply, "the greedy reply is empty: nothing was compared"
+
+
+@pytest.fixture(scope="module")
+def prepared(work):
+    """The shipped sample as MindRecord, written by the command line (not the page)."""
+    out = work / "cli_data" / "train.mindrecord"
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "llama_preprocess.py"), "--dataset_type", "qa",
+                             "--input_glob", str(SAMPLE), "--model_file", str(work / "tiny-hf"), "--seq_length",
+                             str(SEQ_LENGTH), "--output_file", str(out), "--template", "alpaca", "--no_progress"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return out.parent
+
+
+def board_processes():
+    """Processes any board job started (they carry the board's tag in their environment)."""
+    from mindsft.board.jobs import TAG
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if f"{TAG}=".encode() in Path(f"/proc/{name}/environ").read_bytes():
+                found.append(name)
+        except OSError:
+            continue
+    return found
+
+
+def test_board_shows_the_command_lines_error_for_bad_fields_and_starts_nothing(page, work, prepared):
+    hf = work / "tiny-hf"
+    empty = work / "empty_folder"
+    empty.mkdir(exist_ok=True)
+    occupied = work / "occupied"
+    occupied.mkdir(exist_ok=True)
+    (occupied / "notes.txt").write_text("mine")
+    broken = work / "broken.json"
+    broken.write_text('[{"instruction": "a question", "output": ')
+    def runs():
+        return sorted(n for n in os.listdir(work / "runs") if n != ".jobs") if (work / "runs").is_dir() else []
+    runs_before = runs()
+
+    def shows(error_id, *fragments):
+        text = wait_for(lambda: page.text(error_id), 60, f"#{error_id} to show the error")
+        assert len(text.splitlines()) == 1 and text.startswith(("error:", "llama_preprocess.py: error:")), text
+        for fragment in fragments:
+            assert fragment in text, text
+        return text
+
+    # Prepare: a folder with no model; a data file that does not parse; outputs that the command refuses.
+    page.fill(prep_model=empty)
+    page.click("prep-read-model")
+    shows("model-error", str(empty), "no config.json")
+    page.fill(prep_model=hf, prep_data=broken, prep_template="alpaca", prep_seq=SEQ_LENGTH)
+    page.click("prep-preview")
+    shows("data-error", str(broken))
+    page.fill(prep_data=SAMPLE, prep_output=empty)
+    page.click("prep-run")
+    shows("prep-error", str(empty), "existing folder")
+    assert not os.listdir(empty)
+    page.reload()
+    page.fill(prep_model=hf, prep_data=SAMPLE, prep_seq="abc", prep_output=work / "never" / "x.mindrecord")
+    page.click("prep-run")
+    shows("prep-error", "seq_length", "abc")
+    assert not (work / "never").exists()
+    page.screenshot(work / "tab_prepare_error.png")
+
+    # Train: each wrong field is refused before anything is written or started.
+    page.tab("train")
+    good = dict(train_model=hf, train_data=prepared, train_output=work / "runs" / "refused", train_epochs=1,
+                train_workers=1, train_lr="1e-3", train_lora_target="all")
+    bad_fields = [
+        ({"train_epochs": "abc"}, ("runner_config.epochs", "abc")),
+        ({"train_model": work / "no_such_model"}, ("no_such_model", "no such file or folder")),
+        ({"train_data": empty}, (str(empty), "no MindRecord files")),
+        ({"train_output": occupied}, (str(occupied), "holds other files")),
+        ({"train_lr": "fast"}, ("learning_rate", "fast")),
+        ({"train_workers": "0"}, ("data_parallel", "at least 1")),
+        ({"train_lora_target": "no_such_proj"}, ("no_such_proj",)),
+    ]
+    for change, fragments in bad_fields:
+        page.fill(**{**good, **change})
+        page.click("train-start")
+        shows("train-error", *fragments)
+        assert not (work / "runs" / "refused").exists()
+    page.screenshot(work / "tab_train_error.png")
+    assert (occupied / "notes.txt").read_text() == "mine" and sorted(os.listdir(occupied)) == ["notes.txt"]
+
+    # Evaluate, chat and export: a checkpoint that is not there, a folder with no model, a folder that is no run.
+    page.tab("evaluate")
+    page.fill(eval_ckpt=work / "missing.ckpt", eval_data=prepared, eval_output=work / "eval_refused")
+    page.click("eval-run")
+    shows("eval-error", "missing.ckpt", "no such file or folder")
+    assert not (work / "eval_refused").exists()
+    page.fill(chat_source=empty)
+    page.click("chat-load")
+    shows("chat-error", str(empty))
+    page.tab("export")
+    page.fill(export_run=empty, export_hf=work / "export_refused")
+    page.click("export-run-btn")
+    shows("export-error", str(empty), "not a board training run")
+    assert not (work / "export_refused").exists()
+
+    assert runs() == runs_before
+    assert not board_processes()

@@ -185,7 +185,10 @@ def check_train_inputs(plan, is_board_run):
     config = plan["config"]
     if config.load_checkpoint and not config.quantization_bit:
         find_weights_file(config.load_checkpoint, 0, config.load_ckpt_format)
-    mindrecord_files(config.train_dataset.data_loader.dataset_dir or "(train_dataset.data_loader.dataset_dir unset)")
+    if not config.train_dataset.data_loader.dataset_dir:
+        raise DataError("train_dataset.data_loader.dataset_dir: give the MindRecord folder to train on "
+                        "(llama_preprocess.py's output)")
+    mindrecord_files(config.train_dataset.data_loader.dataset_dir)
     if config.eval_dataset.data_loader.dataset_dir:
         mindrecord_files(config.eval_dataset.data_loader.dataset_dir)
     output_dir = plan["output_dir"]
@@ -227,7 +230,9 @@ def eval_plan(fields):
     from mindsft.train.checkpoint import find_weights_file
     if config.load_checkpoint:
         find_weights_file(config.load_checkpoint, 0)
-    mindrecord_files(config.eval_dataset.data_loader.dataset_dir or "(eval dataset unset)")
+    if not config.eval_dataset.data_loader.dataset_dir:
+        raise DataError("eval_dataset.data_loader.dataset_dir: give the MindRecord folder to evaluate on")
+    mindrecord_files(config.eval_dataset.data_loader.dataset_dir)
     if os.path.lexists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise OutputError(f"output_dir {output_dir} is not a new or empty folder; give one for eval_results.json")
     return {"output_dir": output_dir, "yaml_path": yaml_path, "argv": argv,
