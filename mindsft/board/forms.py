@@ -220,6 +220,12 @@ def eval_plan(fields):
             "--eval_dataset_dir", path_of(text_of(fields, "dataset_dir"))]
     argv += ["--load_checkpoint", model_path] if source_key == "load_checkpoint" else ["--pretrained_model_dir", model_path]
     raw[source_key] = model_path
+    dataset_dir = path_of(text_of(fields, "dataset_dir"))
+    # The records' length is the dataset's, recorded by llama_preprocess; the model must match it.
+    from mindsft.data.schema import dataset_manifest
+    recorded_length = (dataset_manifest(dataset_dir) or {}).get("seq_length") if dataset_dir else None
+    if recorded_length:
+        raw["model"]["model_config"]["seq_length"] = recorded_length
     raw["eval_dataset"] = {"data_loader": {"type": "MindDataset", "dataset_dir": path_of(text_of(fields, "dataset_dir")),
                                            "shuffle": False}}
     try:
