@@ -141,7 +141,7 @@ def create_app(runs_dir):
             f.write(plan["yaml"])
         record = jobs.start(plan["output_dir"], "train", plan["argv"],
                             {"workers": plan["config"].parallel_config.data_parallel})
-        return {"output_dir": plan["output_dir"], "command": record["display"]}
+        return {"output_dir": plan["output_dir"], "command": record["display"], "yaml": plan["yaml"]}
 
     def run_folder(fields):
         folder = forms.path_of(fields.get("output_dir"))
