@@ -26,9 +26,12 @@ setup(
                  # The reference for dataset mixing and the validation split; pyarrow 25+ needs numpy 2.
                  "datasets==5.2.0", "pyarrow==24.0.0",
                  "bitsandbytes==0.50.2",  # QLoRA parity; its CPU backend is what quant.py matches
+                 "openai==3.63.0", "pexpect==4.9.0",  # the server's tests speak through the official client; chat's through a pty
                  # The board's test drives Debian's chromium through its own chromedriver.
                  "selenium>=4.20"],
+        # tools/serve.py: the OpenAI-compatible HTTP API.
+        "serve": ["fastapi==0.165.0", "uvicorn==0.55.0", "sse-starlette==3.7.1"],
         # The web board (tools/board.py): one page served locally, nothing fetched at run time.
-        "board": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "board": ["fastapi==0.165.0", "uvicorn==0.55.0"],
     },
 )

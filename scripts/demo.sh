@@ -63,6 +63,10 @@ $PREDICT --predict_data "$(python -c 'from mindsft.templates import alpaca_promp
 $PREDICT --predict_data mindsft/sample_data/alpaca_sample.json --output_dir "$WORK/eval"
 python -c "import json; m = json.load(open('$WORK/eval/predict_results.json')); print({k: round(m[k], 2) for k in ('bleu-4', 'rouge-1', 'rouge-l', 'eval_loss', 'decode_tokens_per_second')})"
 
+echo "== 8. one chat turn with the fine-tuned model (python tools/chat.py ... for a conversation, tools/serve.py for an API)"
+printf 'What is the capital of France?\n/exit\n' | python tools/chat.py --config $CONFIG \
+    --load_checkpoint $WORK/output/checkpoint/${PREFIX}_final.ckpt --vocab_file $WORK/$MODEL-hf --max_new_tokens 24
+
 echo "done: loss curve $WORK/output/training_loss.png, metrics $WORK/output/metrics.jsonl,"
 echo "      predictions $WORK/predict/generated_predictions.jsonl and $WORK/eval/generated_predictions.jsonl,"
 echo "      fine-tuned model $WORK/$MODEL-finetuned-hf"

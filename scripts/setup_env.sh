@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q -e ".[test,board]"
+python -m pip install -q -e ".[test,serve,board]"
 python -m pip install -q --no-deps "fschat==0.2.36"
 # The board's browser test drives Debian's chromium with its own chromedriver (nothing downloaded
 # at test time); without root or apt the test skips and says why.
