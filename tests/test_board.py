@@ -251,7 +251,7 @@ def test_board_prepares_trains_watches_resumes_exports_and_chats(page, work):
     assert page.el("chat-source").get_attribute("value") == str(run_dir)
     page.fill(chat_max=12)
     page.click("chat-load")
-    wait_for(lambda: "template alpaca" in page.text("chat-model") or page.text("chat-error"), 120, "the model")
+    wait_for(lambda: "template: alpaca" in page.text("chat-model") or page.text("chat-error"), 120, "the model")
     assert not page.text("chat-error")
     page.fill(chat_input=QUESTION)
     page.click("chat-send")

@@ -257,6 +257,8 @@ def create_app(runs_dir):
         fields = await fields_of(request)
         from mindsft.board.chat import ChatModel
         async with chat_lock:
+            if chat_state["model"] is not None:
+                chat_state["model"].close()
             chat_state["model"] = None
             chat_state["model"] = await run_in_threadpool(ChatModel, fields.get("source"),
                                                           fields.get("tokenizer") or None, fields.get("template") or None)
