@@ -49,6 +49,12 @@ def losses(output_dir):
     return [(row["step"], row["loss"]) for row in rows if "loss" in row]
 
 
+def eval_losses(output_dir):
+    with open(Path(output_dir) / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [(row["step"], row["eval_loss"]) for row in rows if "eval_loss" in row]
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     from mindsft.demo_model import write_tiny_hf_llama
@@ -164,7 +170,7 @@ def test_board_prepares_trains_watches_resumes_exports_and_chats(page, work):
     page.click("prep-read-model")
     page.wait_text("model-info")
     assert "llama" in page.text("model-info") and "hidden_size 64" in page.text("model-info")
-    page.fill(prep_data=SAMPLE, prep_template="alpaca", prep_seq=SEQ_LENGTH, prep_output=data_file)
+    page.fill(prep_data=SAMPLE, prep_template="alpaca", prep_seq=SEQ_LENGTH, prep_val="0.1", prep_output=data_file)
     page.click("prep-preview")
     page.wait_text("data-tokens")
     assert "75 records" in page.text("data-counts")
@@ -175,7 +181,8 @@ def test_board_prepares_trains_watches_resumes_exports_and_chats(page, work):
     page.click("prep-run")
     page.wait_state("prep")
     stats = json.loads(page.text("prep-stats"))
-    assert stats["records_written"] == 75 and stats["template"] == "alpaca"
+    # A tenth of the records is set aside for evaluation, in data/eval.
+    assert stats["records_written"] == 67 and stats["template"] == "alpaca" and stats["eval_dataset_dir"] == "eval"
     assert (data_file.parent / "train.mindrecord.stats.json").is_file()
     page.screenshot(work / "tab_prepare.png")
 
@@ -183,7 +190,7 @@ def test_board_prepares_trains_watches_resumes_exports_and_chats(page, work):
     page.tab("train")
     assert page.el("train-data").get_attribute("value") == str(data_file.parent)
     page.fill(train_type="lora", train_lr="1e-3", train_epochs=4, train_batch=2, train_save=4, train_workers=2,
-              train_output=work / "by_hand")
+              train_eval_steps=8, train_output=work / "by_hand")
     page.click("train-plan")
     command = page.wait_text("train-command").split("\n")[-1]
     assert command.startswith("bash scripts/msrun_launcher.sh 'run_mindformer.py --config")
@@ -198,6 +205,7 @@ def test_board_prepares_trains_watches_resumes_exports_and_chats(page, work):
     page.click("train-start")
     wait_for(lambda: int(page.el("chart-loss").get_attribute("data-count") or 0) >= 3, 180, "the loss chart to fill")
     assert page.text("run-state") == "running"
+    assert float(page.text("run-speed")) > 0 and ":" in page.text("run-eta")
     page.screenshot(work / "tab_train.png")
 
     # Closed and reopened, the page finds the run running in its runs folder.
@@ -222,7 +230,13 @@ def test_board_prepares_trains_watches_resumes_exports_and_chats(page, work):
     assert [s for s, _ in resumed] == list(range(1, summary["total_steps"] + 1))
     assert [s for s, _ in hand] == [s for s, _ in resumed]
     np.testing.assert_allclose([loss for _, loss in resumed], [loss for _, loss in hand], atol=1e-6, rtol=0)
+    hand_eval, resumed_eval = eval_losses(work / "by_hand"), eval_losses(run_dir)
+    assert [s for s, _ in resumed_eval] == list(range(8, summary["total_steps"] + 1, 8))
+    assert [s for s, _ in hand_eval] == [s for s, _ in resumed_eval]
+    np.testing.assert_allclose([v for _, v in resumed_eval], [v for _, v in hand_eval], atol=1e-6, rtol=0)
     assert int(page.el("chart-loss").get_attribute("data-count")) == summary["total_steps"]
+    assert int(page.el("chart-eval").get_attribute("data-count")) == len(resumed_eval)
+    page.screenshot(work / "tab_train_finished.png")
 
     # Export: the LoRA merged into its base, as a .ckpt and an HF folder transformers loads.
     page.tab("export")
@@ -239,13 +253,13 @@ def test_board_prepares_trains_watches_resumes_exports_and_chats(page, work):
     # Evaluate the exported model on the prepared data.
     page.tab("evaluate")
     assert page.el("eval-data").get_attribute("value") == str(data_file.parent)   # kept over the reload
-    page.fill(eval_ckpt=work / "merged-hf", eval_output=work / "eval")
+    page.fill(eval_ckpt=work / "merged-hf", eval_data=data_file.parent / "eval", eval_output=work / "eval")
     page.click("eval-run")
     page.wait_state("eval")
     page.wait_text("eval-result")
     written = json.loads((work / "eval" / "eval_results.json").read_text())
     assert f"eval_loss {written['eval_loss']:.4f}" in page.text("eval-result")
-    assert written["records"] == 75
+    assert written["records"] == 8
 
     # Chat with the run (base + adapters) in its training template: transformers' greedy reply.
     assert page.el("chat-source").get_attribute("value") == str(run_dir)
