@@ -109,3 +109,31 @@ def test_the_preview_marks_learned_exactly_the_tokens_preprocessing_labels(tiny_
     # Labels are unshifted: a learned token is one whose label is itself.
     assert [t["learned"] for t in summary["tokens"]] == [int(x) != IGNORE_INDEX for x in first["labels"][:len(ids)]]
     assert "".join(t["text"] for t in summary["tokens"] if t["learned"]).startswith("The capital of France is Paris.")
+
+
+def test_qlora_mixing_and_export_fields_make_the_command_lines_flags(tiny_hf_dir, dataset, tmp_path):
+    qlora = forms.train_plan(fields(tiny_hf_dir, dataset, finetuning_type="qlora", quantization_bit="8"), str(tmp_path / "q"))
+    assert qlora["config"].quantization_bit == 8 and qlora["config"].lora is not None
+    argv = forms.preprocess_command({"model": str(tiny_hf_dir), "data": ["a.json", "b.jsonl"], "mix_weights": ["0.7", "0.3"],
+                                     "template": "alpaca", "seq_length": "64", "packing": True, "val_size": "0.1",
+                                     "output_file": str(tmp_path / "out.mindrecord")})
+    joined = " ".join(argv)
+    assert f"--input_glob {os.path.abspath('a.json')} {os.path.abspath('b.jsonl')} " in joined
+    for flag in ("--mix_weights 0.7 0.3", "--template alpaca", "--packing", "--val_size 0.1", f"--model_file {tiny_hf_dir}"):
+        assert flag in joined
+    # A LoRA run exports through merge_lora (base + the run's PEFT adapter); a full run converts its final weights.
+    run = tmp_path / "lora_run"
+    run.mkdir()
+    lora_plan = forms.train_plan(fields(tiny_hf_dir, dataset), str(run))
+    Path(lora_plan["yaml_path"]).write_text(lora_plan["yaml"])
+    (run / "peft_adapter").mkdir()
+    assert forms.export_command({"run_dir": str(run), "hf_output": str(tmp_path / "hf")}) == [
+        "python", "tools/merge_lora.py", "--base", str(tiny_hf_dir), "--adapter", str(run / "peft_adapter"),
+        "--no_progress", "--hf_output", str(tmp_path / "hf")]
+    full = tmp_path / "full_run"
+    full.mkdir()
+    full_plan = forms.train_plan(fields(tiny_hf_dir, dataset, finetuning_type="full"), str(full))
+    Path(full_plan["yaml_path"]).write_text(full_plan["yaml"])
+    assert forms.export_command({"run_dir": str(full), "hf_output": str(tmp_path / "hf")}) == [
+        "python", "tools/convert_weight.py", "--reversed", "--input_path",
+        str(full / "checkpoint" / "llama_final.ckpt"), "--output_path", str(tmp_path / "hf")]
