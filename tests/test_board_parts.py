@@ -137,3 +137,56 @@ def test_qlora_mixing_and_export_fields_make_the_command_lines_flags(tiny_hf_dir
     assert forms.export_command({"run_dir": str(full), "hf_output": str(tmp_path / "hf")}) == [
         "python", "tools/convert_weight.py", "--reversed", "--input_path",
         str(full / "checkpoint" / "llama_final.ckpt"), "--output_path", str(tmp_path / "hf")]
+
+
+def test_the_page_fetches_nothing_from_outside():
+    page = (ROOT / "mindsft" / "board" / "page.html").read_text()
+    for reference in ("http://", "https://", "src=", "href=", "@import", "url("):
+        assert reference not in page, reference
+
+
+def test_a_board_started_later_finds_runs_inside_and_outside_its_folder_and_stops_them(tmp_path):
+    import json
+    import signal
+    import socket
+    import urllib.request
+    pytest.importorskip("fastapi")
+    runs_dir = tmp_path / "runs"
+    inside, outside = runs_dir / "a_run", tmp_path / "elsewhere" / "b_run"
+    for folder in (inside, outside):
+        # A stand-in for a training run started by an earlier board: its YAML and a long command.
+        folder.mkdir(parents=True)
+        (folder / "train.yaml").write_text("run_mode: finetune\n")
+        jobs.start(folder, "train", ["sleep", "60"])
+    (runs_dir / "runs_elsewhere.txt").write_text(f"{outside}\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    board = subprocess.Popen([sys.executable, str(ROOT / "tools" / "board.py"), "--port", str(port),
+                              "--runs_dir", str(runs_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def call(path, body=None):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST" if body else "GET",
+                                         data=json.dumps(body).encode() if body else None,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                listed = call("/api/runs")["runs"]
+                break
+            except OSError:
+                assert time.time() < deadline and board.poll() is None, board.stdout.read()
+                time.sleep(0.3)
+        assert [(run["output_dir"], run["state"]) for run in listed] == [(str(inside), "running"),
+                                                                         (str(outside), "running")]
+        assert call("/api/runs/stop", {"output_dir": str(outside)})["state"] == "stopped"
+        assert call("/api/runs/stop", {"output_dir": str(inside)})["state"] == "stopped"
+        assert [run["state"] for run in call("/api/runs")["runs"]] == ["stopped", "stopped"]
+    finally:
+        board.send_signal(signal.SIGTERM)
+        board.wait(timeout=20)
+        for folder in (inside, outside):
+            jobs.stop(folder)

@@ -21,6 +21,8 @@ from mindsft.errors import MindsftError
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 JOBS_FOLDER = ".jobs"
+# Runs started outside runs_dir are listed here (one folder a line) so that the runs list finds them too.
+RUNS_INDEX = "runs_elsewhere.txt"
 
 
 class BadInput(Exception):
@@ -141,6 +143,10 @@ def create_app(runs_dir):
             f.write(plan["yaml"])
         record = jobs.start(plan["output_dir"], "train", plan["argv"],
                             {"workers": plan["config"].parallel_config.data_parallel})
+        if os.path.dirname(plan["output_dir"]) != runs_dir:
+            os.makedirs(runs_dir, exist_ok=True)
+            with open(os.path.join(runs_dir, RUNS_INDEX), "a", encoding="utf-8") as f:
+                f.write(plan["output_dir"] + "\n")
         return {"output_dir": plan["output_dir"], "command": record["display"], "yaml": plan["yaml"]}
 
     def run_folder(fields):
@@ -151,13 +157,16 @@ def create_app(runs_dir):
 
     @app.get("/api/runs")
     def runs():
-        found = []
+        folders = []
         if os.path.isdir(runs_dir):
-            for name in sorted(os.listdir(runs_dir)):
-                folder = os.path.join(runs_dir, name)
-                if is_board_run(folder):
-                    found.append(run_status(folder, metrics=False))
-        return {"runs": found}
+            folders = [os.path.join(runs_dir, name) for name in sorted(os.listdir(runs_dir))]
+        try:
+            with open(os.path.join(runs_dir, RUNS_INDEX), encoding="utf-8") as f:
+                folders += [line.strip() for line in f if line.strip()]
+        except OSError:
+            pass
+        unique = list(dict.fromkeys(folders))
+        return {"runs": [run_status(folder, metrics=False) for folder in unique if is_board_run(folder)]}
 
     def run_status(folder, metrics=True):
         record = jobs.read_job(folder)
