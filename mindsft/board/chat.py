@@ -53,6 +53,7 @@ class ChatModel:
     """One loaded session; `stream` yields a reply's text pieces."""
 
     def __init__(self, source, tokenizer_path=None, template=None):
+        # MindSpore loads with the session: a board that never chats starts without it.
         from mindsft.session import load_session
         config, adapters = chat_config(source, tokenizer_path)
         if template:
