@@ -1,6 +1,7 @@
 """tools/chat.py in a pseudo-terminal: each turn's reply is transformers' greedy reply to the
 conversation so far in the model's template, /clear forgets it, /exit quits; a conversation
-longer than the context drops its oldest turns and says so."""
+longer than the context drops its oldest turns and says so; the template is the one training
+recorded, else the tokenizer's chat_template, else raw."""
 import io
 import json
 import sys
@@ -10,11 +11,12 @@ import torch
 import transformers
 
 from mindsft.chat import chat_banner, run_chat
+from mindsft.config import load_run_config
 from mindsft.demo_model import write_tiny_hf_llama
 from mindsft.models.build import load_hf_weights
 from mindsft.models.families import model_config_from_hf
 from mindsft.models.llama import LlamaForCausalLM
-from mindsft.session import GenerationSession
+from mindsft.session import GenerationSession, session_template
 from mindsft.templates import get_template
 from mindsft.tokenizer import load_tokenizer
 from trainkit import ROOT, TINY_YAML, env
@@ -101,3 +103,15 @@ def test_a_history_longer_than_the_context_drops_the_oldest_turns(model_dir):
     assert "dropped the oldest 1 turn" in text
     replies = [part.split("\nUser: ")[0] for part in text.split("Assistant: ")[1:]]
     assert replies == [greedy_reply(hf, tokenizer, [{"role": "user", "content": q}]) for q in questions]
+
+
+def test_the_template_is_the_recorded_one_else_the_tokenizers_chat_template_else_raw(tmp_path, bpe_dir):
+    weights = tmp_path / "run" / "checkpoint" / "model.ckpt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"")
+    config = load_run_config(TINY_YAML, {"load_checkpoint": str(weights)})
+    write_tiny_hf_llama(tmp_path / "sentencepiece")  # a tokenizer.model: no chat_template
+    assert session_template(config, load_tokenizer(tmp_path / "sentencepiece"))[0] == "raw"
+    assert session_template(config, load_tokenizer(bpe_dir)) == ("hf", "the tokenizer's chat_template")
+    (tmp_path / "run" / "run_summary.json").write_text(json.dumps({"template": "chatml"}))
+    assert session_template(config, load_tokenizer(bpe_dir))[0] == "chatml"
