@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Supervised fine-tuning of Llama-family models in MindSpore",
     packages=find_packages(include=["mindsft", "mindsft.*"]),
-    package_data={"mindsft": ["sample_data/*.json", "*.cc"]},
+    package_data={"mindsft": ["sample_data/*.json", "*.cc", "board/page.html"]},
     python_requires=">=3.9",
     install_requires=[
         "mindspore==2.10.0",
@@ -27,8 +27,12 @@ setup(
                  "datasets==5.2.0", "pyarrow==24.0.0",
                  "bitsandbytes==0.50.2",  # QLoRA parity; its CPU backend is what quant.py matches
                  "tiktoken==0.14.0",  # the reference for Llama 3's tiktoken tokenizer.model
-                 "openai==3.63.0", "pexpect==4.9.0"],  # the server's tests speak through the official client; chat's through a pty
+                 "openai==3.63.0", "pexpect==4.9.0",  # the server's tests speak through the official client; chat's through a pty
+                 # The board's test drives Debian's chromium through its own chromedriver.
+                 "selenium==4.51.0"],
         # tools/serve.py: the OpenAI-compatible HTTP API.
         "serve": ["fastapi==0.165.0", "uvicorn==0.55.0", "sse-starlette==3.7.1"],
+        # The web board (tools/board.py): one page served locally, nothing fetched at run time.
+        "board": ["fastapi==0.165.0", "uvicorn==0.55.0"],
     },
 )
