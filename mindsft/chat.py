@@ -26,7 +26,7 @@ def chat_banner(session):
 
 def run_chat(session, system=None, config=None, adapter=None, stdin=None, stdout=None):
     """The read-reply loop until /exit or end of input; returns the conversation's last history."""
-    from mindsft.session import RequestError, drop_oldest_turns
+    from mindsft.session import RequestError, drop_oldest_turns  # deferred: MindSpore
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     config = config or session.generation_config
     # A reply gets at least this many tokens of the context: older turns go to make room.
@@ -74,7 +74,7 @@ def run_chat(session, system=None, config=None, adapter=None, stdin=None, stdout
 
 def main(argv=None):
     """tools/chat.py and run_mindformer.py --run_mode chat."""
-    from mindsft.session import MODEL_FLAGS_EPILOG, add_model_arguments, run_config_from_arguments
+    from mindsft.session import MODEL_FLAGS_EPILOG, add_model_arguments, run_config_from_arguments  # deferred: MindSpore
     parser = argparse.ArgumentParser(description=DESCRIPTION, epilog=MODEL_FLAGS_EPILOG, formatter_class=HelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--system", help="system prompt of every conversation")
@@ -82,7 +82,7 @@ def main(argv=None):
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     session = None
     try:
-        from mindsft.session import load_session, parse_adapters
+        from mindsft.session import load_session, parse_adapters  # deferred: MindSpore
         config = run_config_from_arguments(parser, args, rest)
         session = load_session(config, parse_adapters(args.adapter), args.model_name, max_batch=1)
         adapter = session.adapter_of(args.chat_model) if args.chat_model else None

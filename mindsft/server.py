@@ -17,7 +17,8 @@ import uuid
 
 from mindsft.cli import HelpFormatter
 from mindsft.errors import ConfigError, DataError, report, user_errors
-from mindsft.session import ReplyText, RequestError
+from mindsft.session import (MODEL_FLAGS_EPILOG, ReplyText, RequestError, add_model_arguments, load_session,
+                             parse_adapters, run_config_from_arguments)
 
 log = logging.getLogger("mindsft.server")
 
@@ -409,7 +410,6 @@ Needs the serve extra: pip install -e .[serve]
 
 def main(argv=None):
     """tools/serve.py and run_mindformer.py --run_mode serve."""
-    from mindsft.session import MODEL_FLAGS_EPILOG, add_model_arguments, run_config_from_arguments
     parser = argparse.ArgumentParser(description=DESCRIPTION, epilog=MODEL_FLAGS_EPILOG, formatter_class=HelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -425,7 +425,6 @@ def main(argv=None):
             import uvicorn  # noqa: F401
         except ImportError as err:
             raise ConfigError(f"the server needs {err.name}: pip install -e .[serve]") from None
-        from mindsft.session import load_session, parse_adapters
         config = run_config_from_arguments(parser, args, rest)
         session = load_session(config, parse_adapters(args.adapter), args.model_name, max_batch=args.max_batch)
         print(f"serving {', '.join(session.model_names)} on http://{args.host}:{args.port}/v1", flush=True)

@@ -12,14 +12,21 @@ import queue
 from typing import Dict
 
 import numpy as np
+import mindspore as ms
 from mindspore import Tensor, ops
 
+from mindsft import lora
 from mindsft.batching import ContinuousBatcher, Request
+from mindsft.config import load_run_config
+from mindsft.convert import peft
 from mindsft.errors import ConfigError, DataError
+from mindsft.loading import build_model, load_hf_weights, load_start_weights
 from mindsft.lora import adapter_state
 from mindsft.lora_config import LORA_B
+from mindsft.models.families import family_of
 from mindsft.predict import generation_settings, recorded_tokenizer_config, resolve_template
 from mindsft.templates import get_template
+from mindsft.tokenizer import load_tokenizer
 
 DEFAULT_MODEL_NAME = "mindsft"
 
@@ -241,9 +248,6 @@ def load_adapters(model, folders):
     each one's weights; returns Adapters, or None when there are none."""
     if not folders:
         return None
-    from mindsft import lora
-    from mindsft.convert import peft
-    from mindsft.models.families import family_of
     family = family_of(model.config)
     arrays, layout = {}, None
     for name, folder in folders.items():
@@ -265,10 +269,6 @@ def load_adapters(model, folders):
 
 def load_session(config, adapter_folders=None, model_name=None, max_batch=8, log=print):
     """A GenerationSession from a run config, loaded as run_mode predict loads its model."""
-    import mindspore as ms
-    from mindsft.models.build import build_model, load_hf_weights, load_start_weights
-    from mindsft.tokenizer import load_tokenizer
-
     if not (config.load_checkpoint or config.pretrained_model_dir):
         raise ConfigError("needs --load_checkpoint: a .ckpt, a training output folder or a HuggingFace model folder")
     hf_folder = config.pretrained_model_dir or (config.load_checkpoint if is_hf_folder(config.load_checkpoint)
@@ -345,7 +345,6 @@ def add_model_arguments(parser):
 
 def run_config_from_arguments(parser, args, rest):
     """The RunConfig of parsed model flags plus `--dotted.key value` pairs in `rest`."""
-    from mindsft.config import load_run_config
     overrides = {key: getattr(args, flag) for flag, key in MODEL_FLAGS.items() if getattr(args, flag) is not None}
     if len(rest) % 2:
         parser.error(f"dotted overrides come in pairs (--a.b value): {' '.join(rest)}")

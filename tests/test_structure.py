@@ -123,8 +123,12 @@ LAYERS = [
                           "mindsft.demo_model"]),
     # Building a network from the run config and its weights: plain, LoRA, quantized.
     ("loader", ["mindsft.config", "mindsft.loading", "mindsft.quantized_base"]),
-    ("train and generation", ["mindsft.train", "mindsft.generate", "mindsft.generation_eval", "mindsft.predict"]),
-    ("command lines", ["mindsft.run", "mindsft.cli", "mindsft"]),
+    ("train and generation", ["mindsft.train", "mindsft.generate", "mindsft.generation_eval", "mindsft.predict",
+                              "mindsft.batching", "mindsft.session"]),
+    # Serving and the command lines: the terminal chat, the OpenAI-compatible server.
+    ("command lines", ["mindsft.run", "mindsft.cli", "mindsft.chat", "mindsft.server", "mindsft"]),
+    # The web board runs the command lines and talks through the chat session.
+    ("web board", ["mindsft.board"]),
 ]
 
 # The function-level imports of mindsft modules there are, each deferring MindSpore (seconds and
@@ -133,6 +137,10 @@ DEFERRED_IMPORTS = {
     ("mindsft.run", "mindsft.train.recipe"),
     ("mindsft.run", "mindsft.train.evaluate"),
     ("mindsft.run", "mindsft.predict"),
+    # --help and flag errors answer before the session loads MindSpore; a board that never chats
+    # starts without it.
+    ("mindsft.chat", "mindsft.session"),
+    ("mindsft.board.chat", "mindsft.session"),
 }
 
 

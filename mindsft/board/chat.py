@@ -4,6 +4,7 @@ weights — or on any checkpoint / HF folder, asked in the template its training
 import os
 
 from mindsft.board.forms import TRAIN_YAML, model_family, model_source, path_of
+from mindsft.config import build_run_config, load_run_config
 from mindsft.errors import ConfigError
 
 RUN_ADAPTER = "run"
@@ -21,7 +22,6 @@ def final_weights(run_dir, config):
 
 def chat_config(source, tokenizer_path=None):
     """(run config for the session, {adapter name: PEFT folder}) of a run folder or a model."""
-    from mindsft.config import build_run_config, load_run_config
     source = path_of(source)
     overrides = {"run_mode": "predict", "use_parallel": "False"}
     if tokenizer_path:
@@ -54,7 +54,7 @@ class ChatModel:
 
     def __init__(self, source, tokenizer_path=None, template=None):
         # MindSpore loads with the session: a board that never chats starts without it.
-        from mindsft.session import load_session
+        from mindsft.session import load_session  # deferred: MindSpore
         config, adapters = chat_config(source, tokenizer_path)
         if template:
             config.template = template

@@ -12,8 +12,11 @@ import socket
 import yaml
 
 from mindsft.config import build_run_config, find_model_config, parse_override_value
+from mindsft.data.schema import dataset_manifest, mindrecord_files
 from mindsft.errors import ConfigError, DataError, OutputError
+from mindsft.input_files import read_yaml
 from mindsft.models.families import config_from_hf
+from mindsft.weights import find_weights_file
 
 TRAIN_YAML = "train.yaml"
 EVAL_YAML = "eval.yaml"
@@ -180,8 +183,6 @@ def train_plan(fields, default_output_dir):
 def check_train_inputs(plan, is_board_run):
     """What the run would refuse only after starting: its weights, its data, and an output
     folder that holds other files (a run never writes into someone else's folder)."""
-    from mindsft.data.schema import mindrecord_files
-    from mindsft.train.checkpoint import find_weights_file
     config = plan["config"]
     if config.load_checkpoint and not config.quantization_bit:
         find_weights_file(config.load_checkpoint, 0, config.load_ckpt_format)
@@ -222,7 +223,6 @@ def eval_plan(fields):
     raw[source_key] = model_path
     dataset_dir = path_of(text_of(fields, "dataset_dir"))
     # The records' length is the dataset's, recorded by llama_preprocess; the model must match it.
-    from mindsft.data.schema import dataset_manifest
     recorded_length = (dataset_manifest(dataset_dir) or {}).get("seq_length") if dataset_dir else None
     if recorded_length:
         raw["model"]["model_config"]["seq_length"] = recorded_length
@@ -232,8 +232,6 @@ def eval_plan(fields):
         config = build_run_config(raw)
     except ConfigError as exc:
         raise ConfigError(f"{yaml_path}: {exc}") from None
-    from mindsft.data.schema import mindrecord_files
-    from mindsft.train.checkpoint import find_weights_file
     if config.load_checkpoint:
         find_weights_file(config.load_checkpoint, 0)
     if not config.eval_dataset.data_loader.dataset_dir:
@@ -259,7 +257,6 @@ def export_command(fields):
         yaml_path = os.path.join(run_dir, TRAIN_YAML)
         if not os.path.isfile(yaml_path):
             raise ConfigError(f"{run_dir}: not a board training run (no {TRAIN_YAML} in it)")
-        from mindsft.input_files import read_yaml
         raw = read_yaml(yaml_path, ConfigError, "run config YAML")
         base = raw.get("load_checkpoint") or raw.get("pretrained_model_dir")
         if raw.get("finetuning_type") == "lora":

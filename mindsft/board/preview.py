@@ -8,6 +8,7 @@ from mindsft.board.forms import model_family, path_of
 from mindsft.data.conversations import normalize_record, read_json_records
 from mindsft.errors import DataError
 from mindsft.templates import encode_segments, get_template
+from mindsft.tokenizer import load_tokenizer
 
 PREVIEW_TOKENS = 512
 
@@ -46,7 +47,6 @@ def token_pieces(tokenizer, ids):
 
 def data_summary(data_paths, tokenizer_path, template_name, seq_length=None):
     """Record counts of each file and the first sample's tokens with their learned flags."""
-    from mindsft.tokenizer import load_tokenizer
     files = []
     first = None
     for path in (path_of(p) for p in data_paths if str(p).strip()):

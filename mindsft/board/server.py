@@ -17,7 +17,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from mindsft.board import forms, jobs, preview
+from mindsft.board.chat import ChatModel
 from mindsft.errors import MindsftError
+from mindsft.templates import TEMPLATE_NAMES
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 JOBS_FOLDER = ".jobs"
@@ -103,7 +105,7 @@ def create_app(runs_dir):
 
     @app.get("/api/info")
     def info():
-        return {"runs_dir": runs_dir, "root": jobs.ROOT, "templates": list(_template_names()),
+        return {"runs_dir": runs_dir, "root": jobs.ROOT, "templates": list(TEMPLATE_NAMES),
                 "default_output_dir": os.path.join(runs_dir, f"run-{time.strftime('%Y%m%d-%H%M%S')}")}
 
     # ---- Prepare
@@ -264,7 +266,6 @@ def create_app(runs_dir):
     @app.post("/api/chat/load")
     async def chat_load(request: Request):
         fields = await fields_of(request)
-        from mindsft.board.chat import ChatModel
         async with chat_lock:
             if chat_state["model"] is not None:
                 chat_state["model"].close()
@@ -287,10 +288,6 @@ def create_app(runs_dir):
 
     return app
 
-
-def _template_names():
-    from mindsft.templates import TEMPLATE_NAMES
-    return TEMPLATE_NAMES
 
 
 def serve(host="127.0.0.1", port=7860, runs_dir="board_runs"):
