@@ -13,7 +13,7 @@ import transformers
 from mindsft.chat import chat_banner, run_chat
 from mindsft.config import load_run_config
 from mindsft.demo_model import write_tiny_hf_llama
-from mindsft.models.build import load_hf_weights
+from mindsft.loading import load_hf_weights
 from mindsft.models.families import model_config_from_hf
 from mindsft.models.llama import LlamaForCausalLM
 from mindsft.session import GenerationSession, session_template

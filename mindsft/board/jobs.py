@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from mindsft.files import write_text_atomic
+from mindsft.output_files import write_text_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOB_FILE = "board_job.json"
