@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 
 from mindsft.convert import dtypes  # noqa: E402
 from mindsft.convert.safetensors_format import write_safetensors  # noqa: E402
-from mindsft.models.families import config_from_hf  # noqa: E402
+from mindsft.models.families import family_of, model_config_from_hf  # noqa: E402
 
 
 def hf_config(layers):
@@ -39,7 +39,8 @@ def generate(folder, config):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
     pool = dtypes.convert((0.02 * rng.standard_normal(4 * 2**20)).astype(np.float32), "float32", "bfloat16")
-    family, model_config = config_from_hf(config)
+    model_config = model_config_from_hf(config)
+    family = family_of(model_config)
     shapes = {e.hf_name: e.hf_shape for e in family.weight_entries(model_config)}
     names = list(shapes)
     halves = [names[:len(names) // 2], names[len(names) // 2:]]
@@ -77,10 +78,10 @@ def run_load_everything(hf_dir, out):
     import torch
     import mindspore as ms
     from safetensors.torch import load_file
-    from mindsft.models.families import config_from_hf
 
     with open(os.path.join(hf_dir, "config.json")) as f:
-        family, model_config = config_from_hf(json.load(f))
+        model_config = model_config_from_hf(json.load(f))
+        family = family_of(model_config)
     ms_name = {e.hf_name: e.ms_names[0] for e in family.weight_entries(model_config)}
     state = {}
     for name in sorted(os.listdir(hf_dir)):

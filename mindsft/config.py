@@ -19,7 +19,7 @@ from mindsft.generation_config import GenerationConfig
 from mindsft.input_files import read_yaml
 from mindsft.lora_config import LoraConfig
 from mindsft.models.config import SHAPE_KEYS, LlamaConfig
-from mindsft.models.families import family_of, family_of_arch, model_config_from_hf
+from mindsft.models.families import family_named, family_of, model_config_from_hf
 from mindsft.quant import QUANT_TYPES, QUANTIZATION_BITS, QUANTIZATION_METHODS
 from mindsft.typed import build, coerce, nearest_hint, unwrap_optional
 from mindsft.weights import find_model_config
@@ -448,7 +448,7 @@ def resolve_model_config(config):
     """The model's LlamaConfig: the YAML's model_config over the config that travels with the
     weights (pretrained_model_dir's config.json, or the one beside load_checkpoint). Without
     either, the YAML must give the model's shape: a missing shape is refused, never defaulted."""
-    family = family_of_arch(config.model.arch.get("type", "LlamaForCausalLM"))
+    family = family_named(config.model.arch.get("type", "LlamaForCausalLM"), "model.arch.type")
     given = {k: v for k, v in config.model.model_config.items() if k != "pet_config"}
     base_path = (os.path.join(config.pretrained_model_dir, "config.json") if config.pretrained_model_dir
                  else find_model_config(config.load_checkpoint))

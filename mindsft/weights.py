@@ -14,7 +14,7 @@ from mindsft.convert.safetensors_format import verify_safetensors
 from mindsft.convert.stored import split_stored
 from mindsft.errors import ConfigError, ConvertError
 from mindsft.lora_config import is_adapter_name
-from mindsft.models.families import config_from_hf, family_of
+from mindsft.models.families import family_of, model_config_from_hf
 
 SUFFIXES = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
 
@@ -78,7 +78,8 @@ def open_base_weights(path, model_config=None):
     if os.path.isdir(path):
         weights_path, config_path = find_weights(path)
         if model_config is None:
-            family, model_config = config_from_hf(read_hf_config(config_path), config_path)
+            model_config = model_config_from_hf(read_hf_config(config_path), config_path)
+            family = family_of(model_config)
         else:
             family = family_of(model_config)
         return split_stored(family.weight_entries(model_config), open_hf_weights(weights_path)), model_config, path

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from mindsft.loading import assign_weights
-from mindsft.models.families import config_from_hf, hf_to_ms_arrays
+from mindsft.models.families import hf_to_ms_arrays, model_config_from_hf
 from mindsft.models.llama import LlamaForCausalLM
 
 # Tiny, odd sizes, grouped key/value heads (Baichuan has none: one key/value head per head).
@@ -101,7 +101,7 @@ def hf_files(family, reference):
 def twin(family, reference):
     """Our LlamaForCausalLM built from the reference's files through the family's map."""
     config_json, arrays = hf_files(family, reference)
-    _, config = config_from_hf(config_json)
+    config = model_config_from_hf(config_json)
     model = LlamaForCausalLM(config)
     ours = hf_to_ms_arrays(arrays, config)
     if config.tie_word_embeddings:

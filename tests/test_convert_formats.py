@@ -16,7 +16,7 @@ from mindspore.train.checkpoint_pb2 import Checkpoint
 from mindsft.convert import dtypes
 from mindsft.convert.ckpt_format import CkptWriter, read_ckpt
 from mindsft.convert.safetensors_format import write_safetensors
-from mindsft.models.families import family_of_hf_config, model_config_from_hf
+from mindsft.models.families import family_of, model_config_from_hf
 from mindsft.models.llama import LlamaForCausalLM
 from tests.conftest import ROOT
 
@@ -97,7 +97,7 @@ def test_expected_shapes_are_the_model_parameters(tie):
     config = model_config_from_hf(hf_config)
     model_shapes = {p.name: tuple(p.shape) for p in LlamaForCausalLM(config).get_parameters()}
     # The family's shape table, which the converter checks files against without importing MindSpore.
-    assert family_of_hf_config(hf_config).weight_shapes(config) == model_shapes
+    assert family_of(config).weight_shapes(config) == model_shapes
 
 
 def load_cli():
@@ -138,7 +138,7 @@ def test_peak_memory_stays_below_one_tensor(tmp_path):
     rng = np.random.default_rng(0)
     entries = []
     config = model_config_from_hf(hf_config)
-    for entry in family_of_hf_config(hf_config).weight_entries(config):
+    for entry in family_of(config).weight_entries(config):
         name, shape = entry.hf_name, entry.hf_shape
         rows = [rng.standard_normal((min(4096, shape[0] - i),) + shape[1:]).astype(np.float32).reshape(-1)
                 for i in range(0, shape[0], 4096)]

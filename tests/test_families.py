@@ -22,7 +22,7 @@ from mindsft.errors import ConfigError
 from mindsft.generate import GenerationConfig, Generator
 from mindsft.models.config import LlamaConfig
 from mindsft.cpu_kernels import causal_attention
-from mindsft.models.families import config_from_hf, family_named, model_config_from_hf
+from mindsft.models.families import family_named, model_config_from_hf
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -87,15 +87,15 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(family, tmp_path)
     reference = reference_model(family, seed=4)
     original = write_family_folder(family, reference, tmp_path / "hf")
     hf_to_ms(tmp_path / "hf", tmp_path / "model.ckpt", progress=False, config_path=tmp_path / "model.config.json")
-    _, config = config_from_hf(json.loads((tmp_path / "model.config.json").read_text()))
-    assert config == config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))[1]
+    config = model_config_from_hf(json.loads((tmp_path / "model.config.json").read_text()))
+    assert config == model_config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))
     ms_to_hf(tmp_path / "model.ckpt", tmp_path / "back", config, progress=False)
     back = load_file(tmp_path / "back" / "model.safetensors")
     assert sorted(back) == sorted(original)
     for name, value in original.items():
         assert back[name].dtype == value.dtype and np.array_equal(back[name].view(np.uint8), value.view(np.uint8)), name
     written = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert config_from_hf(written)[1] == config
+    assert model_config_from_hf(written) == config
     if FAMILIES[family][0] is None:
         return  # Baichuan's modeling code ships with its weights, not with transformers
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
@@ -140,8 +140,8 @@ def test_family_flags_of_a_mindformers_yaml_come_with_its_arch_type():
 ])
 def test_configs_a_family_cannot_run_are_one_clear_error(hf_config, message):
     with pytest.raises(ConfigError, match=message):
-        config_from_hf({"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
-                        "intermediate_size": 8, **hf_config}, "x/config.json")
+        model_config_from_hf({"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+                              "intermediate_size": 8, **hf_config}, "x/config.json")
 
 
 def test_norm_head_with_tied_embeddings_is_refused():

@@ -15,7 +15,7 @@ from mindsft.config import build_run_config, find_model_config, parse_override_v
 from mindsft.data.schema import dataset_manifest, mindrecord_files
 from mindsft.errors import ConfigError, DataError, OutputError
 from mindsft.input_files import read_yaml
-from mindsft.models.families import config_from_hf
+from mindsft.models.families import family_of, model_config_from_hf
 from mindsft.weights import find_weights_file
 
 TRAIN_YAML = "train.yaml"
@@ -58,7 +58,8 @@ def model_family(model_path):
             hf_config = json.load(f)
         except ValueError as exc:
             raise ConfigError(f"{config_path}: not a readable JSON config ({exc})") from None
-    family, model_config = config_from_hf(hf_config, config_path)
+    model_config = model_config_from_hf(hf_config, config_path)
+    family = family_of(model_config)
     return family, model_config, config_path
 
 

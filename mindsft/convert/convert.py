@@ -21,7 +21,7 @@ from mindsft.convert.safetensors_format import write_safetensors
 from mindsft.convert.stored import split_stored, stacked
 from mindsft.errors import ConfigError, ConvertError
 from mindsft.output_files import atomic_output, check_output_path
-from mindsft.models.families import config_from_hf, family_of
+from mindsft.models.families import family_of, model_config_from_hf
 from mindsft.models.families.base import check_weights
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -50,7 +50,8 @@ def hf_to_ms(input_path, output_path, dtype=None, progress=True, config_path=Non
     weights_path, hf_config_path = find_weights(input_path)
     hf_config = read_hf_config(hf_config_path)
     try:
-        family, model_config = config_from_hf(hf_config, hf_config_path)
+        model_config = model_config_from_hf(hf_config, hf_config_path)
+        family = family_of(model_config)
     except ConfigError as exc:
         message = str(exc)
         raise ConvertError(message if hf_config_path in message else f"{hf_config_path}: {message}") from None
@@ -167,7 +168,7 @@ def write_model_config(model_config, path, dtype=None):
 
 def read_model_config(path):
     """The LlamaConfig of a `*.config.json` (or any HuggingFace config.json)."""
-    return config_from_hf(read_hf_config(path), path)[1]
+    return model_config_from_hf(read_hf_config(path), path)
 
 
 def parse_size(size):

@@ -1,6 +1,8 @@
 """The registry of model families: each is one module beside this file (its HF config reader
-and writer, weight-shape table and HF ⇄ MindSpore weight map), picked by MindFormers'
-`model.arch.type`, by HuggingFace's `architectures`/`model_type`, or by name.
+and writer, weight-shape table and HF ⇄ MindSpore weight map), answering two questions:
+which family is this (`family_named`: ours, MindFormers' model name or `model.arch.type`;
+`family_of`: a LlamaConfig's), and HuggingFace config ⇄ LlamaConfig (`model_config_from_hf`,
+`hf_config_of`).
 
 Adding a family is adding its module and a line in FAMILIES, then its parity test.
 """
@@ -11,27 +13,24 @@ FAMILIES = {family.name: family for family in (llama.FAMILY, qwen2.FAMILY, qwen3
                                                baichuan2.FAMILY)}
 
 
-def family_named(name):
-    """The family for `name`: ours or a MindFormers model name (`convert_weight.py --model`)."""
-    key = str(name).lower()
+def family_named(name, what="model family"):
+    """The family for `name`: ours, a MindFormers model name (`convert_weight.py --model`) or
+    MindFormers' `model.arch.type` (e.g. Qwen2ForCausalLM); `what` names the setting in the error."""
     for family in FAMILIES.values():
-        if key == family.name or key in family.mindformers_names:
+        if str(name).lower() in (family.name,) + family.mindformers_names or name in family.arch_types:
             return family
-    known = sorted({n for f in FAMILIES.values() for n in (f.name,) + f.mindformers_names})
-    raise ConfigError(f"model family {name!r} is not supported (known: {', '.join(known)})")
+    known = sorted({n for f in FAMILIES.values() for n in (f.name,) + f.mindformers_names + f.arch_types})
+    raise ConfigError(f"{what} {name!r} is not supported (known: {', '.join(known)})")
 
 
-def family_of_arch(arch_type):
-    """The family of MindFormers' `model.arch.type` (e.g. LlamaForCausalLM)."""
-    for family in FAMILIES.values():
-        if arch_type in family.arch_types:
-            return family
-    known = sorted(t for f in FAMILIES.values() for t in f.arch_types)
-    raise ConfigError(f"model.arch.type {arch_type!r} is not supported (known: {', '.join(known)})")
+def family_of(model_config):
+    """The family a LlamaConfig belongs to."""
+    return family_named(model_config.family)
 
 
-def family_of_hf_config(hf_config, source="config.json"):
-    """The family of a HuggingFace config mapping, from `architectures`, else `model_type`."""
+def model_config_from_hf(hf_config, source="config.json"):
+    """The LlamaConfig of a HuggingFace config mapping, read by its family (from `architectures`,
+    else `model_type`); `family_of` the result names that family."""
     if not isinstance(hf_config, dict):
         raise ConfigError(f"{source}: expected a JSON object of settings")
     archs = hf_config.get("architectures") or []
@@ -40,28 +39,12 @@ def family_of_hf_config(hf_config, source="config.json"):
     model_type = hf_config.get("model_type")
     for family in FAMILIES.values():
         if set(archs) & set(family.hf_architectures) or (not archs and model_type in family.hf_model_types):
-            return family
+            return family.config_from_hf(hf_config, source)
     if not archs and model_type is None:
-        return FAMILIES["llama"]    # old Llama configs name neither
+        return FAMILIES["llama"].config_from_hf(hf_config, source)    # old Llama configs name neither
     known = sorted(a for f in FAMILIES.values() for a in f.hf_architectures if a.endswith("ForCausalLM"))
     raise ConfigError(f"{source}: model_type {model_type!r} / architectures {archs} is not a Llama-family model "
                       f"mindsft supports (known: {', '.join(known)})")
-
-
-def config_from_hf(hf_config, source="config.json"):
-    """(family, LlamaConfig) of a HuggingFace config mapping."""
-    family = family_of_hf_config(hf_config, source)
-    return family, family.config_from_hf(hf_config, source)
-
-
-def family_of(config):
-    """The family a LlamaConfig belongs to."""
-    return family_named(config.family)
-
-
-def model_config_from_hf(hf_config, source="config.json"):
-    """The LlamaConfig of a HuggingFace config mapping, whatever its family."""
-    return config_from_hf(hf_config, source)[1]
 
 
 def hf_config_of(model_config, dtype=None):
