@@ -15,8 +15,8 @@ rows can be cut to their batch's longest learned position rounded up to a multip
 import numpy as np
 import mindspore.dataset as ds
 
-from mindsft.data.schema import (BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, PACKED_COLUMN, dataset_manifest,
-                                  mindrecord_files, record_length)
+from mindsft.data.schema import (BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, PACKED_COLUMN, PAIR_COLUMNS, PAIR_DTYPES,
+                                  dataset_manifest, mindrecord_files, record_length)
 from mindsft.data.split import recorded_eval_dataset_dir
 from mindsft.errors import DataError
 
@@ -67,12 +67,18 @@ class ShardedBatches:
         # computed without them would mix their samples.
         self.columns = [c for c in BATCH_COLUMNS if (c in input_columns or c == PACKED_COLUMN)
                         and c in probe.get_col_names()]
-        if "input_ids" not in self.columns:
+        # Preference pairs (`mindsft.data.pairwise`) are read whole; their batches also carry each
+        # row's record index (`record_index`, -1 for padding), which precomputed reference
+        # log-probabilities are looked up by.
+        self.pairwise = all(c in probe.get_col_names() for c in PAIR_COLUMNS)
+        if self.pairwise:
+            self.columns = list(PAIR_COLUMNS)
+        if "input_ids" not in self.columns and not self.pairwise:
             raise DataError(f"{dataset_dir}: records have no 'input_ids' column (columns: {probe.get_col_names()})")
         if self.num_records == 0:
             raise DataError(f"{dataset_dir}: the dataset is empty (0 records)")
         first = next(probe.create_dict_iterator(num_epochs=1, output_numpy=True))
-        self.record_length = int(first["input_ids"].shape[0])
+        self.record_length = int(first[self.columns[0]].shape[0])
         if self.record_length != record_length(seq_length):
             raise DataError(f"{dataset_dir}: records hold {self.record_length} tokens but model seq_length "
                             f"{seq_length} needs {record_length(seq_length)} (seq_length + 1)")
@@ -135,7 +141,7 @@ class ShardedBatches:
         read = (learned_batch(row) for row in reader.create_dict_iterator(num_epochs=1, output_numpy=True))
         micro = []
         template = None  # a row read, learning nothing: what padding slots hold
-        for _ in range(flat.size // self.batch_size):
+        for position in range(flat.size // self.batch_size):
             batch = next(read, None)
             if batch is not None and template is None:
                 template = padding_rows(batch, 1)
@@ -143,12 +149,14 @@ class ShardedBatches:
                 batch = None
             if batch is None:
                 batch = padding_rows(template, self.batch_size)
-            elif len(batch["input_ids"]) < self.batch_size:
-                fill = padding_rows(template, self.batch_size - len(batch["input_ids"]))
+            elif len(batch[self.columns[0]]) < self.batch_size:
+                fill = padding_rows(template, self.batch_size - len(batch[self.columns[0]]))
                 batch = {name: np.concatenate([column, fill[name]]) for name, column in batch.items()}
             if self.pad_to_multiple_of:
                 batch = cut_to_learned(batch, self.pad_to_multiple_of)
-            self.lengths_seen.add(batch["input_ids"].shape[1])
+            self.lengths_seen.add(batch[self.columns[0]].shape[1])
+            if self.pairwise:
+                batch["record_index"] = flat[position * self.batch_size:(position + 1) * self.batch_size]
             micro.append(batch)
             if len(micro) == self.accumulation_steps:
                 yield micro
@@ -163,8 +171,14 @@ class ShardedBatches:
 def padding_rows(batch, count):
     """A batch's first row with nothing learned, `count` times."""
     first = {name: column[:1] for name, column in batch.items()}
-    first["labels"] = np.full_like(first["labels"], IGNORE_INDEX)
+    for name in label_columns(first):
+        first[name] = np.full_like(first[name], IGNORE_INDEX)
     return {name: np.repeat(column, count, 0) for name, column in first.items()}
+
+
+def label_columns(batch):
+    """The label columns of a batch: `labels`, or a pair's `chosen_labels` and `rejected_labels`."""
+    return [name for name in batch if name.endswith("labels")]
 
 
 def learned_batch(columns):
@@ -174,6 +188,8 @@ def learned_batch(columns):
     Which targets are learned comes from the labels alone. MindFormers also unlearns every
     target equal to the pad id, which with Llama 3 (pad = id 0 = "!") would unlearn real text.
     """
+    if all(name in columns for name in PAIR_COLUMNS):
+        return {name: np.asarray(columns[name], PAIR_DTYPES[name]) for name in PAIR_COLUMNS}
     batch = {name: np.asarray(columns[name], BATCH_DTYPES[name]) for name in BATCH_COLUMNS if name in columns}
     batch["labels"] = batch["labels"].copy() if "labels" in batch else batch["input_ids"].copy()
     return batch
@@ -182,9 +198,9 @@ def learned_batch(columns):
 def cut_to_learned(batch, multiple):
     """The batch cut after its last learned target, rounded up to `multiple` tokens (never past
     the row): a position only sees those before it, so what is cut changes no loss."""
-    learned = (batch["labels"] != IGNORE_INDEX).any(0)
+    learned = np.any([(batch[name] != IGNORE_INDEX).any(0) for name in label_columns(batch)], 0)
     last = int(np.nonzero(learned)[0].max()) + 1 if learned.any() else 1
-    length = min(batch["input_ids"].shape[1], -(-last // multiple) * multiple)
+    length = min(learned.shape[0], -(-last // multiple) * multiple)
     return {name: column[:, :length] for name, column in batch.items()}
 
 
