@@ -25,6 +25,7 @@ setup(
                  "nltk==3.10.4", "rouge-chinese==1.0.3",
                  # The reference for dataset mixing and the validation split; pyarrow 25+ needs numpy 2.
                  "datasets==5.2.0", "pyarrow==24.0.0",
-                 "bitsandbytes==0.50.2"],  # QLoRA parity; its CPU backend is what quant.py matches
+                 "bitsandbytes==0.50.2",  # QLoRA parity; its CPU backend is what quant.py matches
+                 "trl==1.16.0"],  # preference-tuning parity (DPOTrainer, CPO/ORPO losses)
     },
 )
