@@ -90,10 +90,17 @@ def sequence_log_probs(model, input_ids, labels, ignore_index=IGNORE_INDEX):
     logits = model.logits_from_hidden(hidden[:, :-1])
     targets = labels[:, 1:].astype(ms.int32)
     learned = targets != ignore_index
+    weights = learned.astype(ms.float32)
+    fused = getattr(model, "fused_cross_entropy", None)
+    if fused is not None:
+        # The model's fused CPU cross-entropy (one pass over the logits each way; its backward
+        # takes a gradient per token), as the SFT loss uses it: log p = -CE; a negative target is skipped.
+        per_token, _ = fused(logits.reshape(-1, logits.shape[-1]),
+                             ops.select(learned, targets, ops.full_like(targets, -1)).reshape(-1))
+        return -(per_token.reshape(targets.shape) * weights).sum(1), weights.sum(1)
     safe_targets = ops.select(learned, targets, ops.zeros_like(targets))
     log_probs = ops.log_softmax(logits, -1)
     picked = ops.gather_elements(log_probs, 2, ops.expand_dims(safe_targets, -1)).squeeze(-1)
-    weights = learned.astype(ms.float32)
     return (picked * weights).sum(1), weights.sum(1)
 
 
