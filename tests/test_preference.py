@@ -370,3 +370,15 @@ def test_dpo_run_on_the_sample_raises_reward_accuracy_and_margin(bpe_tokenizer, 
     assert (tmp_path / "precomputed" / "reference_logps.npz").is_file()
     np.testing.assert_allclose([r["loss"] for r in runs["precomputed"] if "loss" in r],
                                [r["loss"] for r in steps], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"pref_loss": "sigmod"}, "pref_loss 'sigmod' is not one of sigmoid, hinge, ipo, orpo, simpo"),
+    ({}, "holds no preference pairs (stage: dpo needs records written by llama_preprocess --dataset_type pairwise)"),
+])
+def test_a_dpo_run_on_bad_settings_or_sft_data_is_one_clear_line(overrides, message, tmp_path):
+    from trainkit import cli_args, run_python, write_qa_mindrecord
+    write_qa_mindrecord(tmp_path / "qa", num_records=4)
+    result = run_python(cli_args(tmp_path / "out", tmp_path / "qa", **{"stage": "dpo", **overrides}))
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
