@@ -375,10 +375,33 @@ def test_dpo_run_on_the_sample_raises_reward_accuracy_and_margin(bpe_tokenizer, 
 @pytest.mark.parametrize("overrides, message", [
     ({"pref_loss": "sigmod"}, "pref_loss 'sigmod' is not one of sigmoid, hinge, ipo, orpo, simpo"),
     ({}, "holds no preference pairs (stage: dpo needs records written by llama_preprocess --dataset_type pairwise)"),
+    ({"run_mode": "eval", "pairs": True}, "run_mode eval with stage dpo and pref_loss sigmoid needs a reference"),
 ])
 def test_a_dpo_run_on_bad_settings_or_sft_data_is_one_clear_line(overrides, message, tmp_path):
-    from trainkit import cli_args, run_python, write_qa_mindrecord
-    write_qa_mindrecord(tmp_path / "qa", num_records=4)
-    result = run_python(cli_args(tmp_path / "out", tmp_path / "qa", **{"stage": "dpo", **overrides}))
+    """Also: run_mode eval of full weights with a loss that needs a reference (none is loaded)."""
+    from trainkit import cli_args, run_python, write_pair_mindrecord, write_qa_mindrecord, write_start_checkpoint
+    overrides = dict(overrides)
+    if overrides.pop("pairs", False):
+        write_pair_mindrecord(tmp_path / "data", num_records=4)
+        write_start_checkpoint(tmp_path / "start.ckpt")
+        overrides.update({"eval_dataset.data_loader.dataset_dir": str(tmp_path / "data"),
+                          "load_checkpoint": str(tmp_path / "start.ckpt")})
+    else:
+        write_qa_mindrecord(tmp_path / "data", num_records=4)
+    result = run_python(cli_args(tmp_path / "out", tmp_path / "data", **{"stage": "dpo", **overrides}))
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_run_mode_eval_of_pairs_reports_the_preference_loss_and_metrics(tmp_path):
+    from trainkit import cli_args, run_python, write_pair_mindrecord, write_start_checkpoint
+    write_pair_mindrecord(tmp_path / "pairs", num_records=5)
+    write_start_checkpoint(tmp_path / "start.ckpt")
+    result = run_python(cli_args(tmp_path / "out", tmp_path / "pairs", tmp_path / "start.ckpt", **{
+        "stage": "dpo", "pref_loss": "orpo", "run_mode": "eval",
+        "eval_dataset.data_loader.dataset_dir": str(tmp_path / "pairs")}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert saved["records"] == 5 and saved["eval_loss"] > 0
+    assert saved["eval_rewards/chosen"] == pytest.approx(0.1 * saved["eval_logps/chosen"])  # orpo: β·avg logp
+    assert "over 5 pairs" in result.stdout

@@ -130,7 +130,13 @@ class PreferenceLoss(nn.Cell):
         chosen_logps, rejected_logps = logps[:pairs], logps[pairs:]
         chosen_count, rejected_count = counts[:pairs], counts[pairs:]
         # Padding rows of a batch (a remainder) have nothing learned: they count for nothing.
-        valid = ops.logical_and(chosen_count > 0, rejected_count > 0).astype(ms.float32)
+        is_valid = ops.logical_and(chosen_count > 0, rejected_count > 0)
+        valid = is_valid.astype(ms.float32)
+        # Their log-probabilities (0) are replaced before any loss sees them: orpo's log(1 - e^0)
+        # would be -inf, and 0 · inf is NaN in the sum and its gradient.
+        stand_in = ops.full_like(chosen_logps, -1.0)
+        chosen_logps = ops.select(is_valid, chosen_logps, stand_in)
+        rejected_logps = ops.select(is_valid, rejected_logps, stand_in)
         chosen_avg = chosen_logps / ops.maximum(chosen_count, 1.0)
         rejected_avg = rejected_logps / ops.maximum(rejected_count, 1.0)
         losses, chosen_rewards, rejected_rewards, chosen_shown, rejected_shown = self.pair_losses(
