@@ -179,7 +179,8 @@ def main(argv=None):
         return worker(args)
     shape = (f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
              f"{args.pairs} pairs of {args.seq} tokens")
-    print(f"DPO (sigmoid) step, {shape}; {args.warmup} untimed + {args.steps} timed steps, each variant its own process")
+    print(f"DPO (sigmoid) step, {shape}; {args.warmup} untimed + {args.steps} timed steps, "
+          "each variant its own process")
     passed = [a for a in (argv if argv is not None else sys.argv[1:])]
     results = {}
     with tempfile.TemporaryDirectory() as logs:

@@ -511,7 +511,8 @@ def build_run_config(raw):
 
 def validate(config):
     if config.stage not in STAGES:
-        raise ConfigError(f"stage {config.stage!r} is not one of {', '.join(STAGES)}{nearest_hint(config.stage, STAGES)}")
+        raise ConfigError(f"stage {config.stage!r} is not one of {', '.join(STAGES)}"
+                          f"{nearest_hint(config.stage, STAGES)}")
     if config.run_mode not in RUN_MODES:
         raise ConfigError(f"run_mode {config.run_mode!r} is not one of {', '.join(RUN_MODES)}"
                           f"{nearest_hint(config.run_mode, RUN_MODES)}")

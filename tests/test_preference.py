@@ -22,8 +22,8 @@ import mindspore as ms  # noqa: E402
 from llama_reference import mindsft_twin, random_hf_llama  # noqa: E402
 from mindsft.data.schema import PAIR_COLUMNS  # noqa: E402
 from mindsft.models.families import hf_to_ms_arrays, model_config_from_hf  # noqa: E402
-from mindsft.train.preference import (LiveReference, PreferenceLoss, PreferenceSettings, PrecomputedReference,  # noqa: E402
-                                      metrics_of)
+from mindsft.train.preference import (LiveReference, PreferenceLoss, PreferenceSettings,  # noqa: E402
+                                      PrecomputedReference, metrics_of)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 97
@@ -405,3 +405,27 @@ def test_run_mode_eval_of_pairs_reports_the_preference_loss_and_metrics(tmp_path
     assert saved["records"] == 5 and saved["eval_loss"] > 0
     assert saved["eval_rewards/chosen"] == pytest.approx(0.1 * saved["eval_logps/chosen"])  # orpo: β·avg logp
     assert "over 5 pairs" in result.stdout
+
+
+@pytest.mark.parametrize("tokenizer_path, template", [("tokenizers/llama2/tokenizer.model", "vicuna_v1.1"),
+                                                      ("tokenizers/llama3_1", "llama3"), ("tokenizers/qwen3", "qwen")])
+def test_real_tokenizers_learn_each_reply_and_its_end_token_after_one_prompt(tokenizer_path, template):
+    """Every sample pair with the real Llama 2 (SentencePiece), Llama 3.1 and Qwen3 (tokenizer.json)
+    tokenizers: the learned tokens are the reply then the end token, after the same prompt ids."""
+    from conftest import shared_file
+    from mindsft.data.pairwise import encode_pair
+    from mindsft.templates import get_template
+    from mindsft.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(str(shared_file(tokenizer_path)))
+    chat = get_template(template, None, tokenizer)
+    for pair in json.loads((ROOT / "mindsft" / "sample_data" / "pairwise_sample.json").read_text()):
+        row, outcome = encode_pair(tokenizer, chat, pair, 255, tokenizer.pad_id)
+        assert outcome == "written"
+        prompts = []
+        for side in ("chosen", "rejected"):
+            ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
+            learned = np.nonzero(labels != -100)[0]
+            assert ids[learned[-1]] == tokenizer.eos_id
+            assert tokenizer.decode(ids[learned[:-1]].tolist()).strip() == pair[side]
+            prompts.append(ids[:learned[0]].tolist())
+        assert prompts[0] == prompts[1]

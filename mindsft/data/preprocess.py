@@ -282,7 +282,9 @@ def _workers(options):
     # A tokenizer.json is encoded here: the `tokenizers` library spreads each chunk over the cores on
     # its own threads, which measured cheaper than worker processes that each start and load it
     # (6993 alpaca records: 5.9 CPU s against 10.4 with 2 processes, the same wall time or less).
-    if options.num_workers == 1 or tokenizer_file(options.model_file).endswith(".json"):
+    # Pairs are encoded in this process (`_pairwise_records`): no pool to start for them.
+    if options.num_workers == 1 or tokenizer_file(options.model_file).endswith(".json") \
+            or options.dataset_type == "pairwise":
         tokenizer, template = _checked_tokenizer(options)
         _init_worker(*init_args, tokenizer=tokenizer)
         if not tokenizer.parses_special_text:

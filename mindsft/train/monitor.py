@@ -200,7 +200,8 @@ class TrainingMonitor:
         ({"eval_bleu-4": ...}) or preference metrics if any."""
         if not self.is_main:
             return
-        values = {"eval_loss": loss, **({} if perplexity is None else {"eval_perplexity": perplexity}), **(scores or {})}
+        values = {"eval_loss": loss, **({} if perplexity is None else {"eval_perplexity": perplexity}),
+                  **(scores or {})}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         self.tensorboard.scalars(step, values)

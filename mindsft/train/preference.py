@@ -161,7 +161,8 @@ class PreferenceLoss(nn.Cell):
         """(per-pair loss, chosen rewards, rejected rewards, chosen logps shown, rejected logps shown)."""
         beta = self.beta
         if self.loss_type == "orpo":
-            log_odds = (chosen_avg - rejected_avg) - (ops.log1p(-ops.exp(chosen_avg)) - ops.log1p(-ops.exp(rejected_avg)))
+            log_odds = (chosen_avg - rejected_avg) - (ops.log1p(-ops.exp(chosen_avg))
+                                                      - ops.log1p(-ops.exp(rejected_avg)))
             losses = -chosen_avg - beta * log_sigmoid(log_odds)
             return losses, beta * chosen_avg, beta * rejected_avg, chosen_avg, rejected_avg
         if self.loss_type == "simpo":
@@ -175,7 +176,8 @@ class PreferenceLoss(nn.Cell):
         elif self.loss_type == "hinge":
             losses = ops.relu(1.0 - beta * delta)
         else:  # ipo: the log-ratios averaged over each reply's tokens (TRL's normalisation)
-            ipo_delta = chosen_ratio / ops.maximum(chosen_count, 1.0) - rejected_ratio / ops.maximum(rejected_count, 1.0)
+            ipo_delta = (chosen_ratio / ops.maximum(chosen_count, 1.0)
+                         - rejected_ratio / ops.maximum(rejected_count, 1.0))
             losses = (ipo_delta - 1.0 / (2.0 * beta)) ** 2
         return losses, beta * chosen_ratio, beta * rejected_ratio, chosen_logps, rejected_logps
 
