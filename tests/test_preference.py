@@ -35,6 +35,14 @@ PAIRS = [([1, 11, 12, 13], [21, 22, 23, 2], [31, 2]),
 LENGTH = 12
 
 
+@pytest.fixture(autouse=True)
+def mindspore_mode_restored():
+    """The tests pick graph or PyNative mode; the next test file finds the mode it started with."""
+    mode = ms.get_context("mode")
+    yield
+    ms.set_context(mode=mode)
+
+
 def pair_batch():
     """Our columns ([B, LENGTH] each) and TRL's batch (chosen rows over rejected ones)."""
     ours = {name: np.zeros((len(PAIRS), LENGTH), np.int32) for name in PAIR_COLUMNS}
@@ -195,8 +203,11 @@ def test_reference_free_losses_equal_trl_cpo_and_orpo_formulas(loss_type):
 
 
 def test_lora_reference_is_the_base_with_adapters_off_as_trl_peft_path(tmp_path):
+    """Loss, metrics and adapter gradients of a LoRA DPO step equal TRL's with a new adapter, whose
+    reference is the model with its adapters disabled."""
     import peft
-    from mindsft.lora import load_peft_adapter
+    from mindsft.convert.peft import hf_module_of
+    from mindsft.lora import LORA_A, LORA_B, load_peft_adapter
     ms.set_context(mode=ms.GRAPH_MODE)
     base = random_hf_llama(vocab_size=VOCAB)
     trainer = trl_dpo(copy.deepcopy(base), None, "sigmoid", 0.1, tmp_path, peft_config=peft.LoraConfig(
@@ -210,8 +221,15 @@ def test_lora_reference_is_the_base_with_adapters_off_as_trl_peft_path(tmp_path)
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))
     trainer.model.save_pretrained(tmp_path / "adapter")
     ours_batch, trl_batch = pair_batch()
+    trainer.model.zero_grad()
     expected_loss = trainer.compute_loss(trainer.model, trl_batch)
+    expected_loss.backward()
     expected_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    expected_grads = {}
+    for name, param in trainer.model.named_parameters():
+        if param.requires_grad:
+            module = name[len("base_model.model."):].rsplit(".lora_", 1)[0]
+            expected_grads[(module, LORA_A if ".lora_A." in name else LORA_B)] = param.grad.numpy()
 
     ours = mindsft_twin(base)
     load_peft_adapter(ours, tmp_path / "adapter")
@@ -224,10 +242,19 @@ def test_lora_reference_is_the_base_with_adapters_off_as_trl_peft_path(tmp_path)
     from mindsft.train.step import EvalStep, tensors_of
     loss_sum, count, statistics = EvalStep(loss_cell)(*tensors_of(ours_batch, loss_cell.batch_columns))
     metrics = metrics_of(statistics.asnumpy())
-    assert float(loss_sum.asnumpy()) / float(count.asnumpy()) == pytest.approx(expected_loss.item(), rel=1e-5, abs=1e-5)
+    loss = float(loss_sum.asnumpy()) / float(count.asnumpy())
+    assert loss == pytest.approx(expected_loss.item(), rel=1e-5, abs=1e-5)
     assert abs(metrics["rewards/margins"]) > 1e-3
     for name, value in metrics.items():
         assert value == pytest.approx(expected_metrics[name], rel=1e-5, abs=1e-5), name
+    # The adapters' gradients of the step (the reference columns are constants of the batch).
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    _, _, grads = our_step(loss_cell, ours_batch)
+    assert len(grads) == len(expected_grads) > 0
+    for name, grad in grads.items():
+        module, ab = name.rsplit(".", 1)
+        want = expected_grads[(hf_module_of(module), ab)]
+        assert np.abs(grad - want).max() / np.abs(want).max() <= 1e-5, name
 
 
 def test_precomputed_reference_log_probs_equal_the_live_reference(tmp_path):
