@@ -337,6 +337,17 @@ def test_each_side_learns_exactly_its_reply_and_end_token_after_the_same_prompt(
         assert "Hello!" in tokenizer.decode(prompts[0])
 
 
+def test_the_command_line_detects_pairs_and_says_so(bpe_tokenizer, tmp_path):
+    from trainkit import run_python
+    result = run_python(["--input_glob", str(ROOT / "mindsft" / "sample_data" / "pairwise_sample.json"),
+                         "--model_file", str(bpe_tokenizer), "--template", "llama3", "--seq_length", "127",
+                         "--output_file", str(tmp_path / "pairs.mindrecord"), "--no_progress"],
+                        script=ROOT / "tools" / "llama_preprocess.py")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "preprocessed as --dataset_type pairwise" in result.stdout
+    assert "Wrote 32 records of 128 tokens" in result.stdout
+
+
 def test_overlong_pairs_cut_the_prompt_first_and_are_counted(bpe_tokenizer, tmp_path):
     record = {"prompt": "word " * 200, "chosen": "Blue.", "rejected": "A dog."}
     stats, rows = preprocess_pairs([record], bpe_tokenizer, tmp_path, seq_length=63)

@@ -96,6 +96,8 @@ def main(argv=None):
     except user_errors() as err:
         report(err)
         return 1
+    if stats["dataset_type"] != args.dataset_type:
+        print(f"records have 'chosen' and 'rejected': preprocessed as --dataset_type {stats['dataset_type']}")
     if stats.get("packing"):
         print(f"Packed {stats['samples_packed']} samples into {stats['rows']} rows ({stats['samples_per_row']['mean']} "
               f"per row, packing efficiency {stats['packing_efficiency']:.1%})")

@@ -533,8 +533,7 @@ def preprocess(options):
     (with a validation split, the train output's)."""
     options.validate()
     if options.split is None and detected_dataset_type(options) != options.dataset_type:
-        print(f"{options.input_glob}: records have 'chosen' and 'rejected': preprocessing them as "
-              "--dataset_type pairwise")
+        # The stats' dataset_type says so (the command line prints it).
         options = dataclasses.replace(options, dataset_type="pairwise")
     if options.val_size and options.split is None:
         eval_file = options.eval_output_file or split.default_eval_output(options.output_file)

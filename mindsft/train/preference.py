@@ -318,7 +318,8 @@ def build_reference(config, model, settings, data, eval_data, rank):
     """(reference of the train batches, of the eval batches): None when the loss uses none; the
     model with its adapters off under LoRA; else a frozen copy of the start weights; with
     precompute_ref_log_probs, the log-probabilities of one pass before training (by the model as it
-    starts when no copy is needed)."""
+    starts when no copy is needed). Under data parallelism every rank makes the whole pass (the
+    same numbers, no exchange needed) and rank 0 writes the file."""
     from mindsft.models.build import build_model, load_start_weights, uses_lora
     if not settings.uses_reference:
         return None, None
