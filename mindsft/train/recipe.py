@@ -2,8 +2,10 @@
 the loop → checkpoints and final weights.
 
 train and finetune are the same code (the config decides: finetune loads a checkpoint and has a
-labels column). One step of training passes through `train/batches.py` (the micro-batches),
-`train/step.py` (the compiled forward, backward and AdamW update) and `models/llama.py`.
+labels column), and stage dpo is the same loop with the preference loss of `train/preference.py`
+in the step and each batch's reference log-probabilities added before it. One step of training
+passes through `train/batches.py` (the micro-batches), `train/step.py` (the compiled forward,
+backward and AdamW update) and `models/llama.py`.
 """
 import json
 import os
@@ -71,9 +73,10 @@ def train(config):
     if pair_settings is not None:
         loss_cell = preference.PreferenceLoss(model, pair_settings)
         reference, eval_reference = preference.build_reference(config, model, pair_settings, data, eval_data, rank)
-    # Only rank 0 reports, so only it generates (the others wait for it at the next step).
+    # Only rank 0 reports, so only it generates (the others wait for it at the next step). Pairs
+    # have no single reply to score: a dpo run's eval is its preference loss and metrics.
     generation_eval = None
-    if eval_data is not None and config.eval_dataset.predict_with_generate and is_main:
+    if eval_data is not None and config.eval_dataset.predict_with_generate and is_main and pair_settings is None:
         generation_eval = GenerationEval.from_config(config, model, eval_data.files)
 
     params = model.trainable_params()
