@@ -467,3 +467,24 @@ def test_real_tokenizers_learn_each_reply_and_its_end_token_after_one_prompt(tok
             assert tokenizer.decode(ids[learned[:-1]].tolist()).strip() == pair[side]
             prompts.append(ids[:learned[0]].tolist())
         assert prompts[0] == prompts[1]
+
+
+def test_qlora_reference_is_the_quantized_base_with_adapters_off(tmp_path):
+    """QLoRA (nf4, double quantization): the adapters-off reference is what PEFT's `disable_adapter`
+    computes on bitsandbytes' base, and the policy (adapters on) is not it."""
+    from trl.experimental.cpo import CPOTrainer
+    from test_qlora import CASES, SHAPE, ours_from, reference_qlora
+    ms.set_context(mode=ms.GRAPH_MODE)
+    random_hf_llama(vocab_size=VOCAB, **SHAPE).save_pretrained(tmp_path / "hf")
+    quantization, bnb_settings = CASES["nf4_double_quant"]
+    reference = reference_qlora(tmp_path / "hf", bnb_settings, tmp_path / "adapter")
+    ours, _ = ours_from(tmp_path / "hf", quantization, tmp_path / "adapter")
+    ours_batch, trl_batch = pair_batch()
+    labels = trl_batch["input_ids"].masked_fill(trl_batch["completion_mask"] == 0, -100)
+    with torch.no_grad(), reference.disable_adapter():
+        logits = reference(trl_batch["input_ids"], attention_mask=trl_batch["attention_mask"]).logits
+    expected = CPOTrainer.get_batch_logps(logits, labels).numpy()
+    chosen, rejected = LiveReference(ours, adapters_off=True)(ours_batch)
+    np.testing.assert_allclose(np.concatenate([chosen, rejected]), expected, atol=2e-4, rtol=0)
+    policy_chosen, _ = LiveReference(ours)(ours_batch)
+    assert np.abs(policy_chosen - chosen).max() > 1e-2
