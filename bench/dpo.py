@@ -73,6 +73,9 @@ def run_mindsft(args, reference):
     from mindsft.train.step import AdamWUpdate, TrainStep
 
     ms.set_context(mode=ms.GRAPH_MODE)
+    # The recipe's call depth (MindFormers' max_call_depth): a deep model with LoRA on every
+    # projection exceeds MindSpore's default when the step compiles.
+    ms.set_recursion_limit(10000)
     ms.set_seed(0)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
                          num_heads=args.heads, intermediate_size=args.intermediate, seq_length=args.seq,
