@@ -29,7 +29,8 @@ setup(
                  "tiktoken==0.14.0",  # the reference for Llama 3's tiktoken tokenizer.model
                  "openai==3.63.0", "pexpect==4.9.0",  # the server's tests speak through the official client; chat's through a pty
                  # The board's test drives Debian's chromium through its own chromedriver.
-                 "selenium==4.51.0"],
+                 "selenium==4.51.0",
+                 "trl==1.16.0"],  # preference-tuning parity (DPOTrainer, CPO/ORPO losses)
         # tools/serve.py: the OpenAI-compatible HTTP API.
         "serve": ["fastapi==0.165.0", "uvicorn==0.55.0", "sse-starlette==3.7.1"],
         # The web board (tools/board.py): one page served locally, nothing fetched at run time.

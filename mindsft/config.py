@@ -25,6 +25,9 @@ from mindsft.typed import build, coerce, nearest_hint, unwrap_optional
 from mindsft.weights import find_model_config
 
 RUN_MODES = ("train", "finetune", "eval", "predict")
+# LLaMA-Factory's training stages that run here: pt and sft are the token loss (the data decides
+# which tokens are learned), dpo the preference losses of mindsft.train.preference.
+STAGES = ("pt", "sft", "dpo")
 LR_SCHEDULES = ("CosineWithWarmUpLR", "LinearWithWarmUpLR", "ConstantWarmUpLR", "constant")
 OPTIMIZERS = ("AdamWeightDecay", "FP32StateAdamWeightDecay", "AdamW")
 # Callbacks we act on, and MindFormers callbacks accepted without effect here.
@@ -260,6 +263,14 @@ class RunConfig:
     quantization_type: str = "nf4"
     double_quantization: bool = True
     quantization_method: str = "bitsandbytes"
+    # Preference tuning: LLaMA-Factory's keys (stage: dpo and pref_*), TRL's precompute_ref_log_probs.
+    stage: str = "sft"
+    pref_loss: str = "sigmoid"
+    pref_beta: float = 0.1
+    pref_ftx: float = 0.0
+    simpo_gamma: float = 0.5
+    dpo_label_smoothing: float = 0.0
+    precompute_ref_log_probs: bool = False
     # Accepted MindFormers keys with no effect on a CPU/GPU run.
     trainer: Dict[str, Any] = dataclasses.field(default_factory=dict)
     train_dataset_task: Dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -518,6 +529,9 @@ def cpu_precision_notes(config):
 
 
 def validate(config):
+    if config.stage not in STAGES:
+        raise ConfigError(f"stage {config.stage!r} is not one of {', '.join(STAGES)}"
+                          f"{nearest_hint(config.stage, STAGES)}")
     if config.run_mode not in RUN_MODES:
         raise ConfigError(f"run_mode {config.run_mode!r} is not one of {', '.join(RUN_MODES)}"
                           f"{nearest_hint(config.run_mode, RUN_MODES)}")

@@ -5,6 +5,7 @@ The settings are `mindsft.lora_config.LoraConfig`; adapter files (PEFT folders, 
 files on disk) are `mindsft.convert.peft`. The base weight of each adapted cell keeps its exact
 name and is frozen.
 """
+import contextlib
 import math
 import re
 
@@ -53,6 +54,8 @@ class LoraLinear(nn.Cell):
         self.rows = rows or (0, self.out_features)
         self.packed = rows is not None
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        # False only while a graph is built under `adapters_disabled` (the preference reference).
+        self.adapter_enabled = True
 
     def base_product(self, x):
         """x·Wᵀ (+ b): the frozen base's output (a quantized base computes it itself)."""
@@ -70,6 +73,8 @@ class LoraLinear(nn.Cell):
         out_shape = x.shape[:-1] + (self.out_features,)
         x = ops.reshape(x.astype(self.compute_dtype), (-1, self.in_features))
         y = self.base_product(x)
+        if not self.adapter_enabled:
+            return ops.reshape(y, out_shape)
         low_rank = self.matmul(self.lora_dropout(x), self.mindpet_delta_lora_a.astype(self.compute_dtype))
         y = y + self.matmul(low_rank, self.lora_b_rows().astype(self.compute_dtype)) * self.scaling
         return ops.reshape(y, out_shape)
@@ -87,6 +92,21 @@ class LoraQuantizedLinear(LoraLinear):
 
     def base_product(self, x):
         return self.base_layer(x)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The model as its frozen base (PEFT's `disable_adapter`): a graph compiled or run inside
+    computes without the adapters. A graph is built once per cell and shape, so the cell that runs
+    the base (the preference reference) is only ever called inside, and the training step outside."""
+    cells = [cell for _, cell in model.cells_and_names() if isinstance(cell, LoraLinear)]
+    for cell in cells:
+        cell.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for cell in cells:
+            cell.adapter_enabled = True
 
 
 def _cell_at(model, dotted):

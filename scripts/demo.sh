@@ -67,6 +67,15 @@ echo "== 8. one chat turn with the fine-tuned model (python tools/chat.py ... fo
 printf 'What is the capital of France?\n/exit\n' | python tools/chat.py --config $CONFIG \
     --load_checkpoint $WORK/output/checkpoint/${PREFIX}_final.ckpt --vocab_file $WORK/$MODEL-hf --max_new_tokens 24
 
+echo "== 9. preference tuning after SFT: DPO with a LoRA adapter (its reference: the SFT model, adapters off)"
+python tools/llama_preprocess.py --dataset_type pairwise --input_glob mindsft/sample_data/pairwise_sample.json \
+    --model_file "$WORK/$MODEL-hf" --seq_length 256 --output_file "$WORK/pairs/pairs.mindrecord"
+python run_mindformer.py --config $CONFIG --run_mode finetune --stage dpo --pref_beta 0.5 \
+    --finetuning_type lora --lora_rank 8 --load_checkpoint "$WORK/output/checkpoint/${PREFIX}_final.ckpt" \
+    --train_dataset_dir "$WORK/pairs" --output_dir "$WORK/dpo" --batch_size 4 --epochs 4 --use_parallel False \
+    --optimizer.learning_rate 5e-3 --lr_schedule.learning_rate 5e-3
+python -c "import json; rows = [json.loads(l) for l in open('$WORK/dpo/metrics.jsonl') if 'loss' in l]; print({k: round(rows[-1][k], 3) for k in ('loss', 'rewards/accuracies', 'rewards/margins')})"
+
 echo "done: loss curve $WORK/output/training_loss.png, metrics $WORK/output/metrics.jsonl,"
 echo "      predictions $WORK/predict/generated_predictions.jsonl and $WORK/eval/generated_predictions.jsonl,"
-echo "      fine-tuned model $WORK/$MODEL-finetuned-hf"
+echo "      fine-tuned model $WORK/$MODEL-finetuned-hf, DPO adapter $WORK/dpo/peft_adapter"

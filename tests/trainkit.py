@@ -127,3 +127,33 @@ def assert_same_run(dir_a, dir_b, loss_tolerance=1e-5, weight_tolerance=2e-5):
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
         np.testing.assert_allclose(weights_a[name], weights_b[name], atol=weight_tolerance, rtol=0, err_msg=name)
+
+
+def write_pair_mindrecord(folder, num_records=16, seq_length=TINY_MODEL["seq_length"], vocab_size=128, seed=0,
+                          shard_num=1):
+    """Preference pairs of seq_length+1 tokens: a shared prompt (labels -100), then a chosen and a
+    rejected reply of their own lengths, then padding 0."""
+    from mindspore.mindrecord import FileWriter
+    from mindsft.data.schema import mindrecord_schema
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    length = seq_length + 1
+    rows = []
+    for _ in range(num_records):
+        prompt = rng.integers(3, vocab_size, int(rng.integers(2, length // 2)))
+        prompt[0] = 1
+        row = {}
+        for side in ("chosen", "rejected"):
+            reply = rng.integers(3, vocab_size, int(rng.integers(1, length - len(prompt) + 1)))
+            ids = np.zeros(length, np.int32)
+            labels = np.full(length, -100, np.int32)
+            ids[:len(prompt)] = prompt
+            ids[len(prompt):len(prompt) + len(reply)] = reply
+            labels[len(prompt):len(prompt) + len(reply)] = reply
+            row[f"{side}_input_ids"], row[f"{side}_labels"] = ids, labels
+        rows.append(row)
+    writer = FileWriter(os.path.join(folder, "train.mindrecord"), shard_num=shard_num, overwrite=True)
+    writer.add_schema(mindrecord_schema("pairwise"), "pairwise")
+    writer.write_raw_data(rows)
+    writer.commit()
+    return folder

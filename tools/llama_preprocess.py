@@ -18,7 +18,10 @@ def build_parser():
                     "Lines) rendered with a prompt template; columns input_ids and labels (-100 where not "
                     "learned). wiki: WikiText paragraphs concatenated and cut; column input_ids. A stats JSON "
                     "is written beside the output as <output_file>.stats.json.")
-    parser.add_argument("--dataset_type", default="qa", choices=["qa", "wiki"], help="qa (conversations) or wiki (WikiText)")
+    parser.add_argument("--dataset_type", default="qa", choices=["qa", "wiki", "pairwise"],
+                        help="qa (conversations), wiki (WikiText) or pairwise (preference pairs: chosen and "
+                             "rejected replies to one prompt; qa input whose records have 'chosen' and "
+                             "'rejected' is taken as pairwise)")
     parser.add_argument("--input_glob", nargs="+",
                         help="input file or glob (quote it), files read in sorted order; several: one mix "
                              "source each")
@@ -107,6 +110,8 @@ def main(argv=None):
     except user_errors() as err:
         report(err)
         return 1
+    if stats["dataset_type"] != args.dataset_type:
+        print(f"records have 'chosen' and 'rejected': preprocessed as --dataset_type {stats['dataset_type']}")
     if stats.get("packing"):
         print(f"Packed {stats['samples_packed']} samples into {stats['rows']} rows ({stats['samples_per_row']['mean']} "
               f"per row, packing efficiency {stats['packing_efficiency']:.1%})")

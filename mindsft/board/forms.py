@@ -11,12 +11,12 @@ import socket
 
 import yaml
 
-from mindsft.config import build_run_config, find_model_config, parse_override_value
+from mindsft.config import build_run_config, parse_override_value
 from mindsft.data.schema import dataset_manifest, mindrecord_files
 from mindsft.errors import ConfigError, DataError, OutputError
 from mindsft.input_files import read_yaml
 from mindsft.models.families import family_of, model_config_from_hf
-from mindsft.weights import find_weights_file
+from mindsft.weights import find_model_config, find_weights_file
 
 TRAIN_YAML = "train.yaml"
 EVAL_YAML = "eval.yaml"

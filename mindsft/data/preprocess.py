@@ -34,10 +34,11 @@ from tqdm import tqdm
 
 from mindsft.data import mixing, split
 from mindsft.data.encode import chunk_arrays, chunk_texts, encode_chunk_texts
-from mindsft.data.conversations import normalize_record, record_tools
+from mindsft.data.conversations import normalize_record, read_json_records, record_tools
 from mindsft.data.mindrecord import EmptyOutputError, RowBlock, shard_names, write_mindrecord
 from mindsft.data.mixing import input_files
 from mindsft.data.packing import pack_samples
+from mindsft.data.pairwise import encode_pair, is_pairwise_record
 from mindsft.data.schema import DATASET_TYPES, IGNORE_INDEX, mindrecord_schema, record_length
 from mindsft.errors import ConfigError, DataError, MindsftError
 from mindsft.output_files import atomic_output, check_output_path
@@ -85,7 +86,8 @@ class PreprocessOptions:
         if self.target_ids and (self.packing or self.dataset_type != "qa"):
             raise ConfigError("the target_ids layout (MindFormers' Qwen2 columns) is for unpacked qa records")
         if self.packing and self.dataset_type != "qa":
-            raise ConfigError("packing applies to qa data (wiki records are already cut from one stream)")
+            raise ConfigError("packing applies to qa data (wiki records are already cut from one stream; "
+                              "a preference pair's two sides are kept apart)")
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         for name in ("seq_length", "file_partition", "repeat", "num_workers"):
@@ -93,7 +95,7 @@ class PreprocessOptions:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.mix_strategy not in mixing.MIX_STRATEGIES:
             raise ConfigError(f"mix_strategy {self.mix_strategy!r} is not one of {', '.join(mixing.MIX_STRATEGIES)}")
-        if self.dataset_type != "qa" and (self.val_size or self.mix_weights or self.sources
+        if self.dataset_type == "wiki" and (self.val_size or self.mix_weights or self.sources
                                           or self.mix_strategy != "concat"):
             raise ConfigError("mixing sources and val_size apply to qa data (wiki inputs are concatenated)")
 
@@ -278,7 +280,7 @@ def _checked_tokenizer(options):
     tokenizer cannot spell, fails here, before any record is read."""
     tokenizer = load_tokenizer(options.model_file, options.merges_file)
     template = None
-    if options.dataset_type == "qa":
+    if options.dataset_type in ("qa", "pairwise"):
         template = get_template(options.template, options.tokenizer_config, tokenizer)
         check_template_tokens(template, tokenizer)
     return tokenizer, template
@@ -295,7 +297,9 @@ def _workers(options):
     # A tokenizer.json is encoded here: the `tokenizers` library spreads each chunk over the cores on
     # its own threads, which measured cheaper than worker processes that each start and load it
     # (6993 alpaca records: 5.9 CPU s against 10.4 with 2 processes, the same wall time or less).
-    if options.num_workers == 1 or tokenizer_file(options.model_file).endswith(".json"):
+    # Pairs are encoded in this process (`_pairwise_records`): no pool to start for them.
+    if options.num_workers == 1 or tokenizer_file(options.model_file).endswith(".json") \
+            or options.dataset_type == "pairwise":
         tokenizer, template = _checked_tokenizer(options)
         _init_worker(*init_args, tokenizer=tokenizer)
         if not tokenizer.parses_special_text:
@@ -428,6 +432,55 @@ def _packed_rows(samples, options, stats, pad_id):
     yield from rows
 
 
+def _pairwise_records(options, stats, tokenizer, template):
+    """Rows of the four pair columns (`mindsft.data.pairwise`), mixed and split as qa records.
+    Encoded in this process: a pair is two conversations, and pairwise sets are small."""
+    records = _mixed_records(options, stats)
+    stats.counts["records_read"] = len(records)
+    work = itertools.chain.from_iterable(itertools.repeat(records, options.repeat))
+    bar = tqdm(total=len(records) * options.repeat, unit="pair", desc="tokenizing",
+               disable=not options.progress, file=sys.stderr)
+    with bar:
+        for seen, (path, index, raw) in enumerate(work):
+            first_pass = seen < len(records)
+            bar.update(1)
+            try:
+                row, outcome = encode_pair(tokenizer, template, raw, options.seq_length, tokenizer.pad_id,
+                                           options.drop_overlong)
+            except DataError as err:
+                if options.on_error == "raise":
+                    raise DataError(f"{path}: record {index}: {err}") from None
+                if first_pass:
+                    stats.note("skipped", path, index, str(err))
+                continue
+            if row is None:
+                if first_pass:
+                    stats.note("dropped", path, index, outcome[len("dropped_"):])
+                continue
+            if outcome == "truncated" and first_pass:
+                stats.note("truncated", path, index, f"prompt and replies longer than "
+                                                     f"{record_length(options.seq_length)} tokens")
+            stats.counts["records_written"] += 1
+            stats.note_written(path)
+            for side in ("chosen", "rejected"):
+                stats.counts["tokens"] += int(np.count_nonzero(row[f"{side}_input_ids"] != tokenizer.pad_id))
+                stats.counts["learned_tokens"] += int(np.count_nonzero(row[f"{side}_labels"] != IGNORE_INDEX))
+            yield row
+
+
+def detected_dataset_type(options):
+    """qa input whose first record is a preference pair (`chosen` and `rejected`) is pairwise."""
+    if options.dataset_type != "qa" or options.sources:
+        return options.dataset_type
+    globs = options.input_glob if isinstance(options.input_glob, list) else [options.input_glob]
+    files = input_files(globs[0]) if globs and globs[0] else []
+    if not files:
+        return options.dataset_type
+    records = read_json_records(files[0])
+    return "pairwise" if isinstance(records, list) and records and is_pairwise_record(records[0]) \
+        else options.dataset_type
+
+
 # --- wiki ----------------------------------------------------------------------------------------
 
 _WIKI_REPLACEMENTS = [
@@ -494,6 +547,9 @@ def preprocess(options):
     """Tokenize the input files into MindRecord shards plus `<output_file>.stats.json`; returns stats
     (with a validation split, the train output's)."""
     options.validate()
+    if options.split is None and detected_dataset_type(options) != options.dataset_type:
+        # The stats' dataset_type says so (the command line prints it).
+        options = dataclasses.replace(options, dataset_type="pairwise")
     if options.val_size and options.split is None:
         eval_file = options.eval_output_file or split.default_eval_output(options.output_file)
         preprocess(dataclasses.replace(options, split="eval", output_file=eval_file, repeat=1))
@@ -503,7 +559,10 @@ def preprocess(options):
     stats = RunStats()
     make_records = _qa_records if options.dataset_type == "qa" else _wiki_records
     with _gc_paused(), _workers(options) as (tokenizer, template, map_in_order):
-        records = make_records(options, stats, tokenizer.pad_id, map_in_order)
+        if options.dataset_type == "pairwise":
+            records = _pairwise_records(options, stats, tokenizer, template)
+        else:
+            records = make_records(options, stats, tokenizer.pad_id, map_in_order)
         try:
             shards, _ = write_mindrecord(records, options.output_file, options.dataset_type, options.file_partition,
                                          packed=options.packing, target_ids=options.target_ids)
@@ -512,7 +571,7 @@ def preprocess(options):
                             f"{stats.counts['dropped']} dropped); nothing written") from None
     summary = {
         "dataset_type": options.dataset_type,
-        "template": options.template if options.dataset_type == "qa" else None,
+        "template": options.template if options.dataset_type != "wiki" else None,
         "seq_length": options.seq_length,
         "record_length": record_length(options.seq_length),
         "packing": options.packing,
@@ -538,7 +597,7 @@ def preprocess(options):
 
 
 def _mix_and_split_summary(options, stats):
-    if options.dataset_type != "qa":
+    if options.dataset_type == "wiki":
         return {}
     summary = {"mix_strategy": options.mix_strategy, "seed": options.seed, "sources": stats.sources}
     if options.split is not None:

@@ -29,8 +29,14 @@ BATCH_DTYPES = {name: np.int32 for name in BATCH_COLUMNS}
 # position t learns target_ids[t + 1] wherever attention_mask[t] is 1 (see train/batches.py).
 TARGET_IDS_COLUMNS = ("input_ids", "target_ids", "attention_mask")
 
-DATASET_TYPES = ("qa", "wiki")
-COLUMNS = {"qa": ("input_ids", "labels"), "wiki": ("input_ids",)}
+# Preference pairs (`mindsft.data.pairwise`): the chosen and the rejected conversation of one
+# prompt, each a full record with its own labels (only its final response and end token learned).
+# A batch of pairs is these columns; the preference step stacks chosen over rejected.
+PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+PAIR_DTYPES = {name: np.int32 for name in PAIR_COLUMNS}
+
+DATASET_TYPES = ("qa", "wiki", "pairwise")
+COLUMNS = {"qa": ("input_ids", "labels"), "wiki": ("input_ids",), "pairwise": PAIR_COLUMNS}
 # MindFormers' reader only takes files named like x.mindrecord, x.mindrecord0, x.mindrecord12.
 MINDRECORD_NAME = re.compile(r".*mindrecord\d*$")
 

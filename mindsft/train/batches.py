@@ -15,8 +15,8 @@ rows can be cut to their batch's longest learned position rounded up to a multip
 import numpy as np
 import mindspore.dataset as ds
 
-from mindsft.data.schema import (BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, PACKED_COLUMN, TARGET_IDS_COLUMNS,
-                                  dataset_manifest, mindrecord_files, record_length)
+from mindsft.data.schema import (BATCH_COLUMNS, BATCH_DTYPES, IGNORE_INDEX, PACKED_COLUMN, PAIR_COLUMNS, PAIR_DTYPES,
+                                  TARGET_IDS_COLUMNS, dataset_manifest, mindrecord_files, record_length)
 from mindsft.data.split import recorded_eval_dataset_dir
 from mindsft.errors import DataError
 
@@ -72,8 +72,14 @@ class ShardedBatches:
         # Sample boundaries are read whenever the records hold them, listed or not: packed rows
         # computed without them would mix their samples.
         wants_targets = any(c in input_columns for c in ("labels", "target_ids"))
-        self.target_ids = wants_targets and all(c in held for c in TARGET_IDS_COLUMNS)
-        if self.target_ids:
+        # Preference pairs (`mindsft.data.pairwise`) are read whole; their batches also carry each
+        # row's record index (`record_index`, -1 for padding), which precomputed reference
+        # log-probabilities are looked up by.
+        self.pairwise = all(c in held for c in PAIR_COLUMNS)
+        self.target_ids = not self.pairwise and wants_targets and all(c in held for c in TARGET_IDS_COLUMNS)
+        if self.pairwise:
+            self.columns = list(PAIR_COLUMNS)
+        elif self.target_ids:
             self.columns = list(TARGET_IDS_COLUMNS)
         else:
             self.columns = [c for c in BATCH_COLUMNS if (c in input_columns or c == PACKED_COLUMN
@@ -84,12 +90,12 @@ class ShardedBatches:
             self.column_note = (f"{what}.input_columns {', '.join(input_columns)}: the records in {dataset_dir} "
                                 f"hold {', '.join(held)}; trained on those "
                                 f"({'labels: the tokens they mark' if 'labels' in self.columns else 'every token'})")
-        if "input_ids" not in self.columns:
+        if "input_ids" not in self.columns and not self.pairwise:
             raise DataError(f"{dataset_dir}: records have no 'input_ids' column (columns: {held})")
         if self.num_records == 0:
             raise DataError(f"{dataset_dir}: the dataset is empty (0 records)")
         first = next(probe.create_dict_iterator(num_epochs=1, output_numpy=True))
-        self.record_length = int(first["input_ids"].shape[0])
+        self.record_length = int(first[self.columns[0]].shape[0])
         # MindFormers' Qwen2 rows are seq_length + 1 tokens or seq_length (its model drops the last
         # input token either way).
         lengths = (record_length(seq_length), seq_length) if self.target_ids else (record_length(seq_length),)
@@ -155,7 +161,7 @@ class ShardedBatches:
         read = (learned_batch(row) for row in reader.create_dict_iterator(num_epochs=1, output_numpy=True))
         micro = []
         template = None  # a row read, learning nothing: what padding slots hold
-        for _ in range(flat.size // self.batch_size):
+        for position in range(flat.size // self.batch_size):
             batch = next(read, None)
             if batch is not None and template is None:
                 template = padding_rows(batch, 1)
@@ -163,12 +169,14 @@ class ShardedBatches:
                 batch = None
             if batch is None:
                 batch = padding_rows(template, self.batch_size)
-            elif len(batch["input_ids"]) < self.batch_size:
-                fill = padding_rows(template, self.batch_size - len(batch["input_ids"]))
+            elif len(batch[self.columns[0]]) < self.batch_size:
+                fill = padding_rows(template, self.batch_size - len(batch[self.columns[0]]))
                 batch = {name: np.concatenate([column, fill[name]]) for name, column in batch.items()}
             if self.pad_to_multiple_of:
                 batch = cut_to_learned(batch, self.pad_to_multiple_of)
-            self.lengths_seen.add(batch["input_ids"].shape[1])
+            self.lengths_seen.add(batch[self.columns[0]].shape[1])
+            if self.pairwise:
+                batch["record_index"] = flat[position * self.batch_size:(position + 1) * self.batch_size]
             micro.append(batch)
             if len(micro) == self.accumulation_steps:
                 yield micro
@@ -183,8 +191,14 @@ class ShardedBatches:
 def padding_rows(batch, count):
     """A batch's first row with nothing learned, `count` times."""
     first = {name: column[:1] for name, column in batch.items()}
-    first["labels"] = np.full_like(first["labels"], IGNORE_INDEX)
+    for name in label_columns(first):
+        first[name] = np.full_like(first[name], IGNORE_INDEX)
     return {name: np.repeat(column, count, 0) for name, column in first.items()}
+
+
+def label_columns(batch):
+    """The label columns of a batch: `labels`, or a pair's `chosen_labels` and `rejected_labels`."""
+    return [name for name in batch if name.endswith("labels")]
 
 
 def learned_batch(columns):
@@ -194,6 +208,8 @@ def learned_batch(columns):
     Which targets are learned comes from the labels alone. MindFormers also unlearns every
     target equal to the pad id, which with Llama 3 (pad = id 0 = "!") would unlearn real text.
     """
+    if all(name in columns for name in PAIR_COLUMNS):
+        return {name: np.asarray(columns[name], PAIR_DTYPES[name]) for name in PAIR_COLUMNS}
     batch = {name: np.asarray(columns[name], BATCH_DTYPES[name]) for name in BATCH_COLUMNS if name in columns}
     if "target_ids" in columns:
         batch["labels"] = target_ids_labels(columns["target_ids"], columns["attention_mask"])
@@ -217,9 +233,9 @@ def target_ids_labels(target_ids, attention_mask):
 def cut_to_learned(batch, multiple):
     """The batch cut after its last learned target, rounded up to `multiple` tokens (never past
     the row): a position only sees those before it, so what is cut changes no loss."""
-    learned = (batch["labels"] != IGNORE_INDEX).any(0)
+    learned = np.any([(batch[name] != IGNORE_INDEX).any(0) for name in label_columns(batch)], 0)
     last = int(np.nonzero(learned)[0].max()) + 1 if learned.any() else 1
-    length = min(batch["input_ids"].shape[1], -(-last // multiple) * multiple)
+    length = min(learned.shape[0], -(-last // multiple) * multiple)
     return {name: column[:, :length] for name, column in batch.items()}
 
 

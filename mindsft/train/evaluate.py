@@ -1,5 +1,6 @@
 """Loss and perplexity over a dataset: what eval during training, run_mode eval and predict's
 scoring of labelled records all compute, in one place."""
+import copy
 import json
 import math
 import os
@@ -7,7 +8,8 @@ import os
 from mindsft.errors import ConfigError
 from mindsft.output_files import atomic_output
 from mindsft.generation_eval import GenerationEval
-from mindsft.loading import build_model, load_start_weights
+from mindsft.loading import build_model, load_start_weights, uses_lora
+from mindsft.train import preference
 from mindsft.train.batches import build_data
 from mindsft.train.context import setup_context
 from mindsft.train.step import EvalStep, tensors_of
@@ -40,6 +42,8 @@ def evaluate(config):
     data = build_data(config, config.eval_dataset, rank, world_size, train=False)
     model = build_model(config)
     load_start_weights(model, config, rank)
+    if config.stage == "dpo":
+        return evaluate_pairs(config, model, data, rank, world_size)
     loss, perplexity = evaluate_loss(model, data.batches(), world_size)
     result = {"eval_loss": loss, "eval_perplexity": perplexity, "records": data.num_records}
     if config.eval_dataset.predict_with_generate and rank == 0:
@@ -50,4 +54,29 @@ def evaluate(config):
             with open(tmp, "w") as f:
                 json.dump(result, f, indent=2)
         print(f"eval: loss {loss:.6f} perplexity {perplexity:.4f} over {data.num_records} records")
+    return result
+
+
+def evaluate_pairs(config, model, data, rank, world_size):
+    """run_mode eval with stage dpo: the preference loss and TRL's metrics over the eval pairs."""
+    settings = preference.PreferenceSettings.from_config(config)
+    preference.check_settings(settings)
+    preference.check_pairwise(data, "eval_dataset")
+    if settings.uses_reference and not uses_lora(model):
+        # The weights evaluated are all that is loaded: a reference would be the same weights.
+        raise ConfigError(f"run_mode eval with stage dpo and pref_loss {settings.pref_loss} needs a reference: "
+                          "evaluate a LoRA adapter (its base is the reference) or use pref_loss orpo or simpo")
+    live_config = copy.copy(config)
+    live_config.precompute_ref_log_probs = False
+    reference, _ = preference.build_reference(live_config, model, settings, data, None, rank)
+    loss, metrics = preference.evaluate_preference(preference.PreferenceLoss(model, settings), data.batches(),
+                                                   reference, world_size)
+    result = {"eval_loss": loss, **metrics, "records": data.num_records}
+    if rank == 0:
+        os.makedirs(config.output_dir, exist_ok=True)
+        with atomic_output(os.path.join(config.output_dir, "eval_results.json")) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=2)
+        shown = " ".join(f"{name[len('eval_'):]} {value:.4f}" for name, value in metrics.items())
+        print(f"eval: loss {loss:.6f} {shown} over {data.num_records} pairs")
     return result

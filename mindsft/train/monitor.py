@@ -177,8 +177,11 @@ class TrainingMonitor:
             return record
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.tensorboard.scalars(record["step"], {k: record[k] for k in
-                                                  ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s")})
+        # Named metrics beside the loss (a preference stage's "rewards/margins", ...), as TRL names them.
+        named = {k: v for k, v in record.items() if "/" in k}
+        self.tensorboard.scalars(record["step"], {**{k: record[k] for k in
+                                                     ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s")},
+                                                  **named})
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
                                      f"ETA {format_seconds(record['eta_s'])}", refresh=False)
@@ -188,19 +191,23 @@ class TrainingMonitor:
                 f"step {record['step']}/{self.total_steps} epoch {record['epoch']} loss {record['loss']:.6f} "
                 f"lr {record['lr']:.3e} grad_norm {record['grad_norm']:.4f} loss_scale {record['loss_scale']:g} "
                 f"tokens/s {record['tokens_per_s']:.0f} samples/s {record['samples_per_s']:.2f} "
-                f"step_time {step_seconds * 1000:.0f} ms ETA {format_seconds(record['eta_s'])}")
+                f"step_time {step_seconds * 1000:.0f} ms ETA {format_seconds(record['eta_s'])}"
+                + "".join(f" {name} {value:.4f}" for name, value in named.items()))
         return record
 
     def log_eval(self, step, loss, perplexity, scores=None):
-        """Eval loss and perplexity, and `scores` of generation ({"eval_bleu-4": ...}) if any."""
+        """Eval loss and perplexity (None for a preference loss), and `scores` of generation
+        ({"eval_bleu-4": ...}) or preference metrics if any."""
         if not self.is_main:
             return
-        values = {"eval_loss": loss, "eval_perplexity": perplexity, **(scores or {})}
+        values = {"eval_loss": loss, **({} if perplexity is None else {"eval_perplexity": perplexity}),
+                  **(scores or {})}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         self.tensorboard.scalars(step, values)
         extra = "".join(f" {name[len('eval_'):]} {value:.2f}" for name, value in (scores or {}).items())
-        self.write(f"eval at step {step}: loss {loss:.6f} perplexity {perplexity:.4f}{extra}")
+        shown = "" if perplexity is None else f" perplexity {perplexity:.4f}"
+        self.write(f"eval at step {step}: loss {loss:.6f}{shown}{extra}")
 
     def close(self):
         if self.is_main:

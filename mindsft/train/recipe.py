@@ -2,8 +2,10 @@
 the loop → checkpoints and final weights.
 
 train and finetune are the same code (the config decides: finetune loads a checkpoint and has a
-labels column). One step of training passes through `train/batches.py` (the micro-batches),
-`train/step.py` (the compiled forward, backward and AdamW update) and `models/llama.py`.
+labels column), and stage dpo is the same loop with the preference loss of `train/preference.py`
+in the step and each batch's reference log-probabilities added before it. One step of training
+passes through `train/batches.py` (the micro-batches), `train/step.py` (the compiled forward,
+backward and AdamW update) and `models/llama.py`.
 """
 import json
 import os
@@ -20,6 +22,7 @@ from mindsft.train.batches import build_data
 from mindsft.train.context import setup_context
 from mindsft.train.evaluate import evaluate_loss
 from mindsft.train.monitor import TrainingMonitor, plot_loss
+from mindsft.train import preference
 from mindsft.train.schedule import build_lr_schedule
 from mindsft.train.step import AdamWUpdate, TrainStep
 
@@ -51,16 +54,30 @@ def train(config):
     """Fine-tune (or pretrain) per `config`; returns {"final_loss", "steps", "final_checkpoint"}."""
     rank, world_size = setup_context(config)
     is_main = rank == 0
+    # stage dpo: the step's loss is the preference loss over pairs, and each batch gets the
+    # reference log-probabilities it needs (train/preference.py); the loop is the same.
+    pair_settings = preference.PreferenceSettings.from_config(config) if config.stage == "dpo" else None
+    if pair_settings is not None:
+        preference.check_settings(pair_settings)
     data = build_data(config, config.train_dataset, rank, world_size)
     eval_data = None
     if config.do_eval:
         eval_data = build_data(config, config.eval_dataset, rank, world_size, train=False)
+    if pair_settings is not None:
+        preference.check_pairwise(data, "train_dataset")
+        if eval_data is not None:
+            preference.check_pairwise(eval_data, "eval_dataset")
     model = build_model(config)
     if not (config.resume_training and config.load_checkpoint and os.path.isdir(config.load_checkpoint)):
         load_start_weights(model, config, rank)
-    # Only rank 0 reports, so only it generates (the others wait for it at the next step).
+    loss_cell, reference, eval_reference = model, None, None
+    if pair_settings is not None:
+        loss_cell = preference.PreferenceLoss(model, pair_settings)
+        reference, eval_reference = preference.build_reference(config, model, pair_settings, data, eval_data, rank)
+    # Only rank 0 reports, so only it generates (the others wait for it at the next step). Pairs
+    # have no single reply to score: a dpo run's eval is its preference loss and metrics.
     generation_eval = None
-    if eval_data is not None and config.eval_dataset.predict_with_generate and is_main:
+    if eval_data is not None and config.eval_dataset.predict_with_generate and is_main and pair_settings is None:
         generation_eval = GenerationEval.from_config(config, model, eval_data.files)
 
     params = model.trainable_params()
@@ -69,7 +86,7 @@ def train(config):
     optimizer = AdamWUpdate(params, opt.beta1, opt.beta2, opt.eps, opt.weight_decay,
                             skip_on_overflow=scaling is not None)
     wrapper = config.runner_wrapper
-    train_step = TrainStep(model, params, optimizer,
+    train_step = TrainStep(loss_cell, params, optimizer,
                            max_grad_norm=wrapper.max_grad_norm if wrapper.use_clip_grad else None,
                            world_size=world_size, accumulation_steps=config.runner_config.gradient_accumulation_steps,
                            check_overflow=scaling is not None)
@@ -105,7 +122,8 @@ def train(config):
     if is_main:
         write_run_summary(config, data, total_steps, world_size, model)
 
-    tokens_per_step = data.global_batch * config.model_config.seq_length
+    # A pair is two sequences.
+    tokens_per_step = data.global_batch * config.model_config.seq_length * (2 if pair_settings else 1)
     first_of_run = True
     loss = float("nan")
     start_epoch, start_in_epoch = divmod(state["global_step"], data.steps_per_epoch)
@@ -113,6 +131,9 @@ def train(config):
         for micro_batches in data.epoch(epoch, start_in_epoch if epoch == start_epoch else 0):
             lr = lr_at(state["global_step"])
             started = time.perf_counter()
+            if reference is not None:
+                for batch in micro_batches:
+                    reference.fill(batch)
             loss, grad_norm, finite = train_step.step(micro_batches, lr, state["loss_scale"])
             seconds = time.perf_counter() - started
             state["global_step"] += 1
@@ -121,13 +142,19 @@ def train(config):
                 update_loss_scale(state, finite, scaling)
             monitor.log_step({"step": state["global_step"], "epoch": epoch + 1, "loss": loss, "lr": lr,
                               "grad_norm": grad_norm, "loss_scale": used_scale, "overflow": not finite,
-                              "tokens": tokens_per_step, "samples": data.global_batch}, seconds, first_of_run)
+                              "tokens": tokens_per_step, "samples": data.global_batch,
+                              **preference.metrics_of(train_step.last_statistics)}, seconds, first_of_run)
             first_of_run = False
             step_in_epoch = state["global_step"] - epoch * data.steps_per_epoch
             if checkpoint_settings and state["global_step"] % checkpoint_settings.save_checkpoint_steps == 0:
                 save_state(config, checkpoint_dir, rank, model, optimizer, state, epoch, step_in_epoch)
             if eval_data is not None and config.eval_step_interval > 0 \
                     and state["global_step"] % config.eval_step_interval == 0:
+                if pair_settings is not None:
+                    eval_loss, scores = preference.evaluate_preference(loss_cell, eval_data.batches(),
+                                                                       eval_reference, world_size)
+                    monitor.log_eval(state["global_step"], eval_loss, None, scores)
+                    continue
                 eval_loss, perplexity = evaluate_loss(model, eval_data.batches(), world_size)
                 scores = generation_eval() if generation_eval is not None else {}
                 monitor.log_eval(state["global_step"], eval_loss, perplexity, scores)

@@ -5,6 +5,11 @@ The loss of a step is sum(CE over learned tokens) / count(learned tokens), both 
 every micro-batch of every rank before the division. Gradients are taken of the *sum* and
 divided by the global count after the all-reduce, so 2 ranks x batch b, 1 rank x batch 2b and
 2 accumulation steps x batch b all compute the same update.
+
+The model may be any cell with `loss_terms(*columns)` → (loss sum, count, [statistics]) and,
+if its columns are not BATCH_COLUMNS, a `batch_columns` attribute (the preference loss of
+`train/preference.py` takes pairs): statistics (a vector of sums, e.g. of rewards) are summed over
+micro-batches and ranks like the loss, and the last step's are in `TrainStep.last_statistics`.
 """
 import numpy as np
 import mindspore as ms
@@ -87,6 +92,8 @@ class TrainStep(nn.Cell):
         self.max_grad_norm = max_grad_norm
         self.world_size = world_size
         self.check_overflow = check_overflow
+        self.columns = getattr(model, "batch_columns", BATCH_COLUMNS)
+        self.last_statistics = None
         self.grad_fn = ms.value_and_grad(self.scaled_loss_sum, None, self.params, has_aux=True)
         if world_size > 1:
             self.allreduce = ops.AllReduce()
@@ -99,8 +106,17 @@ class TrainStep(nn.Cell):
             object.__setattr__(self, "apply_buffers", ApplyBuffers(self))
 
     def scaled_loss_sum(self, scale, *columns):
-        loss_sum, count = self.model.loss_terms(*columns)
-        return loss_sum * scale, count
+        terms = self.model.loss_terms(*columns)
+        return (terms[0] * scale,) + tuple(terms[1:])
+
+    def summed(self, statistics):
+        """Statistics summed over data-parallel ranks."""
+        if self.world_size == 1:
+            return statistics
+        reduced = ()
+        for value in statistics:
+            reduced += (self.allreduce(value),)
+        return reduced
 
     def update(self, grads, loss_sum, count, lr, scale):
         """All-reduce, normalise by the global token count, clip, and apply the optimizer."""
@@ -133,28 +149,32 @@ class TrainStep(nn.Cell):
         return ops.depend(loss_sum / tokens, done), ops.depend(grad_norm, done), finite
 
     def construct(self, lr, scale, *columns):
-        (scaled_sum, count), grads = self.grad_fn(scale, *columns)
-        return self.update(grads, scaled_sum / scale, count, lr, scale)
+        terms, grads = self.grad_fn(scale, *columns)
+        return self.update(grads, terms[0] / scale, terms[1], lr, scale) + self.summed(terms[2:])
 
     def step(self, micro_batches, lr, scale):
         lr_t = Tensor(lr, ms.float32)
         scale_t = Tensor(scale, ms.float32)
         if self.accumulation_steps == 1:
-            loss, grad_norm, finite = self(lr_t, scale_t, *tensors_of(micro_batches[0]))
+            loss, grad_norm, finite, *statistics = self(lr_t, scale_t, *tensors_of(micro_batches[0], self.columns))
+            statistics = [value.asnumpy() for value in statistics]
         else:
-            loss_sum, count = 0.0, 0.0
+            loss_sum, count, statistics = 0.0, 0.0, None
             for batch in micro_batches:
-                part_sum, part_count = self.accumulate(scale_t, *tensors_of(batch))
+                part_sum, part_count, *parts = self.accumulate(scale_t, *tensors_of(batch, self.columns))
                 loss_sum += float(part_sum.asnumpy())
                 count += float(part_count.asnumpy())
+                parts = [value.asnumpy() for value in parts]
+                statistics = parts if statistics is None else [a + b for a, b in zip(statistics, parts)]
             loss, grad_norm, finite = self.apply_buffers(Tensor(loss_sum, ms.float32), Tensor(count, ms.float32),
                                                          lr_t, scale_t)
+        self.last_statistics = statistics or None
         return float(loss.asnumpy()), float(grad_norm.asnumpy()), bool(finite.asnumpy())
 
 
-def tensors_of(batch):
+def tensors_of(batch, columns=BATCH_COLUMNS):
     """The batch's columns as Tensors, in the order the compiled graphs take them."""
-    return tuple(Tensor(batch[name]) for name in BATCH_COLUMNS if name in batch)
+    return tuple(Tensor(batch[name]) for name in columns if name in batch)
 
 
 class Accumulate(nn.Cell):
@@ -165,11 +185,11 @@ class Accumulate(nn.Cell):
         self.train_step = train_step
 
     def construct(self, scale, *columns):
-        (scaled_sum, count), grads = self.train_step.grad_fn(scale, *columns)
+        terms, grads = self.train_step.grad_fn(scale, *columns)
         done = ()
         for i in range(len(grads)):
             done += (ops.assign_add(self.train_step.grad_buffers[i], grads[i].astype(ms.float32)),)
-        return ops.depend(scaled_sum / scale, done), count
+        return (ops.depend(terms[0] / scale, done), terms[1]) + self.train_step.summed(terms[2:])
 
 
 class ApplyBuffers(nn.Cell):
@@ -191,20 +211,23 @@ class ApplyBuffers(nn.Cell):
 
 
 class EvalStep(nn.Cell):
-    """(loss sum, learned-token count) of a batch, summed over data-parallel ranks.
+    """(loss sum, learned-token count[, statistics]) of a batch, summed over data-parallel ranks.
 
-    `eval_step(*tensors_of(batch))`."""
+    `eval_step(*tensors_of(batch, eval_step.columns))`."""
 
     def __init__(self, model, world_size=1):
         super().__init__(auto_prefix=False)
         self.model = model
         self.world_size = world_size
+        self.columns = getattr(model, "batch_columns", BATCH_COLUMNS)
         if world_size > 1:
             self.allreduce = ops.AllReduce()
 
     def construct(self, *columns):
-        loss_sum, count = self.model.loss_terms(*columns)
-        if self.world_size > 1:
-            loss_sum = self.allreduce(loss_sum)
-            count = self.allreduce(count)
-        return loss_sum, count
+        terms = self.model.loss_terms(*columns)
+        if self.world_size == 1:
+            return terms
+        reduced = ()
+        for value in terms:
+            reduced += (self.allreduce(value),)
+        return reduced
