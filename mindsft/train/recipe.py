@@ -18,7 +18,7 @@ from mindsft.train import checkpoint as ckpt
 from mindsft.train.batches import build_data
 from mindsft.train.context import setup_context
 from mindsft.train.evaluate import evaluate_loss
-from mindsft.train.monitor import TrainingMonitor, plot_loss
+from mindsft.train.monitor import CompileTally, TrainingMonitor, plot_loss
 from mindsft.train.schedule import build_lr_schedule
 from mindsft.train.step import AdamWUpdate, TrainStep
 
@@ -106,6 +106,7 @@ def train(config):
 
     tokens_per_step = data.global_batch * config.model_config.seq_length
     first_of_run = True
+    compile_tally = CompileTally()
     loss = float("nan")
     start_epoch, start_in_epoch = divmod(state["global_step"], data.steps_per_epoch)
     for epoch in range(start_epoch, config.runner_config.epochs):
@@ -114,6 +115,7 @@ def train(config):
             started = time.perf_counter()
             loss, grad_norm, finite = train_step.step(micro_batches, lr, state["loss_scale"])
             seconds = time.perf_counter() - started
+            compile_tally.add(micro_batches[0]["input_ids"].shape, seconds)
             state["global_step"] += 1
             used_scale = state["loss_scale"]
             if scaling is not None:
@@ -134,6 +136,8 @@ def train(config):
     if is_main and data.pad_to_multiple_of:
         print(f"bucketed batches: the step was compiled for {len(data.lengths_seen)} lengths "
               f"{sorted(data.lengths_seen)} (pad_to_multiple_of {data.pad_to_multiple_of})")
+    if is_main and compile_tally.seconds:
+        print(compile_tally.summary())
     if checkpoint_settings and state["global_step"] % checkpoint_settings.save_checkpoint_steps != 0:
         save_state(config, checkpoint_dir, rank, model, optimizer, state, config.runner_config.epochs - 1,
                    data.steps_per_epoch)
