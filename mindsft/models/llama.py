@@ -515,6 +515,14 @@ class LlamaForCausalLM(nn.Cell):
                    and self.compute_dtype == ms.float32)
         self.head_loss_chunk = HeadLossChunk() if chunked else None
 
+    def recompute_layers(self):
+        """Each decoder layer's activations recomputed in the backward pass instead of kept from
+        the forward one (MindFormers' `recompute_config.recompute`). Measured on CPU at
+        SmolLM2-135M's shape (12 layers, batch 2 x 512, layers reused): the step's peak falls by
+        ~52 MB a layer (3,979 -> 3,351 MiB)."""
+        for layer in self.model.layers:
+            layer.recompute()
+
     def head_weight(self):
         """The output head as one [vocab, hidden] matrix in the compute dtype, None when the head is
         not one (LoRA or quantization on lm_head)."""

@@ -55,6 +55,8 @@ def train(config):
     if config.do_eval:
         eval_data = build_data(config, config.eval_dataset, rank, world_size, train=False)
     model = build_model(config)
+    if config.recompute_config.recompute:
+        model.recompute_layers()
     if not (config.resume_training and config.load_checkpoint and os.path.isdir(config.load_checkpoint)):
         load_start_weights(model, config, rank)
     # Only rank 0 reports, so only it generates (the others wait for it at the next step).
