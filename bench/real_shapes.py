@@ -46,6 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (--mode lora)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="recompute each decoder layer in the backward pass (torch: gradient checkpointing)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first (compiling) one")
     parser.add_argument("--sides", default="mindsft,torch", help="which sides run (comma-separated)")
     parser.add_argument("--side", choices=["mindsft", "torch"], help=argparse.SUPPRESS)
@@ -115,6 +117,8 @@ def run_mindsft(args):
     model = LlamaForCausalLM(config)
     assign_weights(model, hf_to_ms_arrays(load_arrays(args.weights), config), source=args.weights)
     gc.collect()
+    if args.recompute:
+        model.recompute_layers()
     if args.mode == "lora":
         apply_lora(model, LoraConfig.from_llamafactory({"lora_target": "all", "lora_rank": args.rank},
                                                        family_of(config)))
@@ -146,6 +150,8 @@ def run_torch(args):
         raise RuntimeError(f"weights do not fit transformers' model: missing {missing}, unexpected {unexpected}")
     if config.tie_word_embeddings:
         model.tie_weights()
+    if args.recompute:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.mode == "lora":
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
@@ -216,7 +222,7 @@ def main(argv=None):
           f"intermediate {config.intermediate_size}, heads {config.num_heads}/{config.n_kv_heads}, vocab "
           f"{config.vocab_size}{', tied' if config.tie_word_embeddings else ''}: {params / 1e6:.1f}M params; "
           f"{args.mode}{f' (LoRA r{args.rank}, all linear)' if args.mode == 'lora' else ''}; batch {args.batch} x "
-          f"seq {args.seq}; AdamW + clip 1.0, fp32; median of {args.steps} steps after the first")
+          f"seq {args.seq}; AdamW + clip 1.0, fp32{'; layers recomputed' if args.recompute else ''}; median of {args.steps} steps after the first")
     for side, result in results.items():
         print(f"{side}: threads {result['threads']}; load average before/after {result['loadavg']}")
     print("(a shared machine: timings are noisy, see the load averages)")

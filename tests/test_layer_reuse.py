@@ -25,14 +25,13 @@ class LossTerms(nn.Cell):
         return self.model.loss_terms(*columns)
 
 
-def twin_models(family, monkeypatch):
+def twin_models(family):
     # A window shorter than the rows, so Mistral's masked path runs too.
     config = tiny_config(family, vocab_size=97, **({"sliding_window": 8} if family == "mistral" else {}))
     arrays = hf_to_ms_arrays(random_llama_arrays(config, seed=1), config)
     models = {}
     for reuse in (False, True):
-        monkeypatch.setattr(llama, "REUSE_LAYER_GRAPH", reuse)
-        model = llama.LlamaForCausalLM(config)
+        model = llama.LlamaForCausalLM(config, reuse_layers=reuse)
         assign_weights(model, arrays)
         models[reuse] = model
     assert isinstance(models[True].model.layers[0], llama.ReusedDecoderLayer)
@@ -71,8 +70,8 @@ def decoded_logits(model, prompt, steps=2):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_reused_layer_trains_and_decodes_as_the_inlined_one(family, monkeypatch):
-    inlined, reused = twin_models(family, monkeypatch)
+def test_reused_layer_trains_and_decodes_as_the_inlined_one(family):
+    inlined, reused = twin_models(family)
     input_ids, labels = random_batch(97, batch=2, seq=17)
     want, got = training_terms(inlined, input_ids, labels), training_terms(reused, input_ids, labels)
     assert got[1] == want[1]
