@@ -132,8 +132,11 @@ def run_mindsft(args):
     from mindsft.models.llama import LlamaForCausalLM
     from mindsft.train.step import AdamWUpdate, TrainStep
 
+    from mindsft.config import ContextConfig
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")
+    # The run path's call depth (MindFormers' default): a 30-layer model's gradient loops exceed MindSpore's own.
+    ms.set_recursion_limit(ContextConfig().max_call_depth)
     threads = mindspore_threads()
     config = llama_config(args)
     model = LlamaForCausalLM(config)
@@ -268,7 +271,8 @@ def main(argv=None):
             if framework == "torch":
                 command += ["--threads", str(threads)]
             log = os.path.join(tmp, f"{framework}.log")
-            code, output, peak, _ = run_measured(command, log, env=bench_env())
+            # Run in the temporary folder: MindSpore writes rank_0/om/ into the working folder.
+            code, output, peak, _ = run_measured(command, log, env=bench_env(), cwd=tmp)
             result = read_result(output)
             if code or result is None:
                 print(f"{framework} run failed (exit {code}):\n{output[-4000:]}", file=sys.stderr)

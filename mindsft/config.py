@@ -412,7 +412,7 @@ NO_EFFECT_KEYS = (
     "eval_dataset.prefetch_size", "eval_dataset.batch_size", "eval_dataset.repeat", "eval_dataset.output_columns",
     "parallel_config.vocab_emb_dp", "parallel_config.gradient_aggregation_group", "parallel.gradients_mean",
     "parallel.enable_alltoall", "parallel.full_batch", "parallel.search_mode", "parallel.strategy_ckpt_save_file",
-    "recompute_config.recompute", "recompute_config.select_recompute", "recompute_config.select_comm_recompute",
+    "recompute_config.select_recompute", "recompute_config.select_comm_recompute",
     "callbacks.checkpoint.integrated_save", "callbacks.checkpoint.async_save",
     "trainer", "train_dataset_task", "eval_dataset_task", "src_strategy_path_or_dir", "auto_trans_ckpt",
     "only_save_strategy", "micro_batch_interleave_num", "metric", "eval_callbacks", "moe_config", "profile",

@@ -158,9 +158,7 @@ def cross_entropy():
         return None
     if "cross_entropy" not in _OPS:
         from mindspore import ops
-        backward = ops.Custom(f"{path}:CrossEntropyBackward", func_type="aot",
-                              out_shape=lambda logits, targets, lse, dloss: logits,
-                              out_dtype=lambda logits, targets, lse, dloss: logits)
+        backward = cross_entropy_backward()
 
         def bprop(logits, targets, out, dout):
             return backward(logits, targets, out[1], dout[0]), ops.zeros_like(targets)
@@ -169,6 +167,20 @@ def cross_entropy():
                                            out_shape=lambda logits, targets: (targets, targets),
                                            out_dtype=lambda logits, targets: (logits, logits))
     return _OPS["cross_entropy"]
+
+
+def cross_entropy_backward():
+    """The op (logits [N, V], targets [N], lse [N], dloss [N]) -> dlogits [N, V] of `cross_entropy`
+    (for a caller that recomputes the logits in its own backward); None where it does not apply."""
+    path = _kernel_library()
+    if path is None:
+        return None
+    if "cross_entropy_backward" not in _OPS:
+        from mindspore import ops
+        _OPS["cross_entropy_backward"] = ops.Custom(f"{path}:CrossEntropyBackward", func_type="aot",
+                                                    out_shape=lambda logits, targets, lse, dloss: logits,
+                                                    out_dtype=lambda logits, targets, lse, dloss: logits)
+    return _OPS["cross_entropy_backward"]
 
 
 def adamw_step():

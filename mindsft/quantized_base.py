@@ -31,7 +31,9 @@ def build_quantized_llama(llama_config, weights_path, quantization):
     """(LlamaForCausalLM with quantized linear layers and its weights loaded, report line)."""
     tensors, _, _ = open_base_weights(weights_path)
     with no_init_parameters():
-        model = LlamaForCausalLM(llama_config)
+        # Layers inlined: with quantized layers the reused layer graph computed wrong adapter
+        # gradients on packed rows (tests/test_qlora.py's packed test).
+        model = LlamaForCausalLM(llama_config, reuse_layers=False)
     params = {p.name: p for p in model.get_parameters()}
     check_weights({name: tuple(p.shape) for name, p in params.items()},
                   {name: tuple(t.shape) for name, t in tensors.items() if name in params}, weights_path, llama_config)

@@ -216,6 +216,34 @@ class TrainingMonitor:
             self.tensorboard.close()
 
 
+class CompileTally:
+    """Per batch shape, the seconds of its steps: the first step of a shape compiles the step's
+    graph, so its compile time is its first step less the median of its later ones."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    def add(self, shape, seconds):
+        self.seconds.setdefault(shape, []).append(seconds)
+
+    def compile_seconds(self):
+        total = 0.0
+        for times in self.seconds.values():
+            later = sorted(times[1:])
+            steady = later[len(later) // 2] if later else 0.0
+            total += max(times[0] - steady, 0.0)
+        return total
+
+    def summary(self):
+        """One line: shapes compiled, seconds compiling, and their share of the run's step time."""
+        steps = sum(sum(times) for times in self.seconds.values())
+        compiling = self.compile_seconds()
+        shapes = ", ".join("x".join(str(d) for d in shape) for shape in sorted(self.seconds))
+        share = 100.0 * compiling / steps if steps else 0.0
+        return (f"the step was compiled for {len(self.seconds)} batch shape(s) [{shapes}]: {compiling:.1f} s "
+                f"compiling of {steps:.1f} s in steps ({share:.1f}%)")
+
+
 def trim_metrics(path, start_step):
     """On resume, drop lines for steps after the checkpoint so metrics.jsonl reads as one run.
 

@@ -21,8 +21,8 @@ from mindsft.train import checkpoint as ckpt
 from mindsft.train.batches import build_data
 from mindsft.train.context import setup_context
 from mindsft.train.evaluate import evaluate_loss
-from mindsft.train.monitor import TrainingMonitor, plot_loss
 from mindsft.train import preference
+from mindsft.train.monitor import CompileTally, TrainingMonitor, plot_loss
 from mindsft.train.schedule import build_lr_schedule
 from mindsft.train.step import AdamWUpdate, TrainStep
 
@@ -68,6 +68,8 @@ def train(config):
         if eval_data is not None:
             preference.check_pairwise(eval_data, "eval_dataset")
     model = build_model(config)
+    if config.recompute_config.recompute:
+        model.recompute_layers()
     if not (config.resume_training and config.load_checkpoint and os.path.isdir(config.load_checkpoint)):
         load_start_weights(model, config, rank)
     loss_cell, reference, eval_reference = model, None, None
@@ -125,6 +127,7 @@ def train(config):
     # A pair is two sequences.
     tokens_per_step = data.global_batch * config.model_config.seq_length * (2 if pair_settings else 1)
     first_of_run = True
+    compile_tally = CompileTally()
     loss = float("nan")
     start_epoch, start_in_epoch = divmod(state["global_step"], data.steps_per_epoch)
     for epoch in range(start_epoch, config.runner_config.epochs):
@@ -136,6 +139,7 @@ def train(config):
                     reference.fill(batch)
             loss, grad_norm, finite = train_step.step(micro_batches, lr, state["loss_scale"])
             seconds = time.perf_counter() - started
+            compile_tally.add(micro_batches[0][data.columns[0]].shape, seconds)
             state["global_step"] += 1
             used_scale = state["loss_scale"]
             if scaling is not None:
@@ -162,6 +166,8 @@ def train(config):
     if is_main and data.pad_to_multiple_of:
         print(f"bucketed batches: the step was compiled for {len(data.lengths_seen)} lengths "
               f"{sorted(data.lengths_seen)} (pad_to_multiple_of {data.pad_to_multiple_of})")
+    if is_main and compile_tally.seconds:
+        print(compile_tally.summary())
     if checkpoint_settings and state["global_step"] % checkpoint_settings.save_checkpoint_steps != 0:
         save_state(config, checkpoint_dir, rank, model, optimizer, state, config.runner_config.epochs - 1,
                    data.steps_per_epoch)
