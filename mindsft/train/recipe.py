@@ -150,18 +150,20 @@ def train(config):
                               **preference.metrics_of(train_step.last_statistics)}, seconds, first_of_run)
             first_of_run = False
             step_in_epoch = state["global_step"] - epoch * data.steps_per_epoch
-            if checkpoint_settings and state["global_step"] % checkpoint_settings.save_checkpoint_steps == 0:
-                save_state(config, checkpoint_dir, rank, model, optimizer, state, epoch, step_in_epoch)
+            # A step's eval comes before its checkpoint, so a run resumed from step N (stopped
+            # during or after N's eval) has N's eval logged.
             if eval_data is not None and config.eval_step_interval > 0 \
                     and state["global_step"] % config.eval_step_interval == 0:
                 if pair_settings is not None:
                     eval_loss, scores = preference.evaluate_preference(loss_cell, eval_data.batches(),
                                                                        eval_reference, world_size)
                     monitor.log_eval(state["global_step"], eval_loss, None, scores)
-                    continue
-                eval_loss, perplexity = evaluate_loss(model, eval_data.batches(), world_size)
-                scores = generation_eval() if generation_eval is not None else {}
-                monitor.log_eval(state["global_step"], eval_loss, perplexity, scores)
+                else:
+                    eval_loss, perplexity = evaluate_loss(model, eval_data.batches(), world_size)
+                    scores = generation_eval() if generation_eval is not None else {}
+                    monitor.log_eval(state["global_step"], eval_loss, perplexity, scores)
+            if checkpoint_settings and state["global_step"] % checkpoint_settings.save_checkpoint_steps == 0:
+                save_state(config, checkpoint_dir, rank, model, optimizer, state, epoch, step_in_epoch)
     monitor.close()
     if is_main and data.pad_to_multiple_of:
         print(f"bucketed batches: the step was compiled for {len(data.lengths_seen)} lengths "
