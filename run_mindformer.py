@@ -13,6 +13,7 @@ import sys
 from mindsft.cli import YamlOverrideHelpFormatter
 from mindsft.config import RUN_MODES, load_run_config
 from mindsft.errors import report, user_errors
+from mindsft.generation_config import SAMPLING_FLAGS, add_sampling_arguments
 
 # Run modes with command lines of their own (mindsft/chat.py, mindsft/server.py).
 TALK_MODES = ("chat", "serve")
@@ -27,9 +28,7 @@ FLAG_KEYS = {
     "gradient_accumulation_steps": "runner_config.gradient_accumulation_steps",
     "device_target": "context.device_target", "do_eval": "do_eval",
     "predict_data": "predict_data", "template": "template",
-    "max_new_tokens": "generation_config.max_new_tokens", "do_sample": "generation_config.do_sample",
-    "temperature": "generation_config.temperature", "top_k": "generation_config.top_k",
-    "top_p": "generation_config.top_p", "num_beams": "generation_config.num_beams",
+    "num_beams": "generation_config.num_beams", **SAMPLING_FLAGS,
     # Accepted as MindFormers takes them; the run says in one line what they change here.
     "register_path": "register_path", "auto_trans_ckpt": "auto_trans_ckpt",
     "src_strategy_path_or_dir": "src_strategy_path_or_dir", "only_save_strategy": "only_save_strategy",
@@ -61,11 +60,7 @@ def parse_args(argv):
                                                "or a .json/.jsonl of alpaca/ShareGPT records")
     parser.add_argument("--template", help="prompt template for predict (default: the one the training "
                                            "data used; 'raw' for plain completion)")
-    parser.add_argument("--max_new_tokens", help="generation_config.max_new_tokens")
-    parser.add_argument("--do_sample", help="generation_config.do_sample (False: greedy)")
-    parser.add_argument("--temperature", help="generation_config.temperature")
-    parser.add_argument("--top_k", help="generation_config.top_k")
-    parser.add_argument("--top_p", help="generation_config.top_p")
+    add_sampling_arguments(parser)
     parser.add_argument("--num_beams", help="generation_config.num_beams (> 1: beam search; with "
                                             "length_penalty and early_stopping as transformers reads them)")
     parser.add_argument("--register_path", help="MindFormers' research folder (research/llama3_1, research/qwen2_5): "

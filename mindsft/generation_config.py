@@ -16,6 +16,18 @@ HF_IGNORED_KEYS = frozenset({
 })
 # MindFormers' model_config spelling of the same settings.
 MINDFORMERS_RENAMES = {"max_decode_length": "max_length"}
+# The command lines' flags for the sampling settings (predict, chat, serve): flag -> run config key.
+SAMPLING_FLAGS = {name: f"generation_config.{name}"
+                  for name in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")}
+
+
+def add_sampling_arguments(parser):
+    """The flags of SAMPLING_FLAGS on an argparse parser (strings, typed when the config loads)."""
+    parser.add_argument("--max_new_tokens", help="generation_config.max_new_tokens")
+    parser.add_argument("--do_sample", help="generation_config.do_sample (False: greedy)")
+    parser.add_argument("--temperature", help="generation_config.temperature")
+    parser.add_argument("--top_k", help="generation_config.top_k")
+    parser.add_argument("--top_p", help="generation_config.top_p")
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from mindsft.batching import ContinuousBatcher, Request
 from mindsft.config import load_run_config
 from mindsft.convert import peft
 from mindsft.errors import ConfigError, DataError
+from mindsft.generation_config import SAMPLING_FLAGS, add_sampling_arguments
 from mindsft.loading import build_model, load_hf_weights, load_start_weights
 from mindsft.lora import adapter_state
 from mindsft.lora_config import LORA_B
@@ -313,9 +314,7 @@ def drop_oldest_turns(session, messages, system, reserve):
 MODEL_FLAGS = {
     "load_checkpoint": "load_checkpoint", "template": "template", "seed": "seed",
     "device_target": "context.device_target", "vocab_file": "processor.tokenizer.vocab_file",
-    "max_new_tokens": "generation_config.max_new_tokens", "do_sample": "generation_config.do_sample",
-    "temperature": "generation_config.temperature", "top_k": "generation_config.top_k",
-    "top_p": "generation_config.top_p", "repetition_penalty": "generation_config.repetition_penalty",
+    "repetition_penalty": "generation_config.repetition_penalty", **SAMPLING_FLAGS,
 }
 MODEL_FLAGS_EPILOG = ("Any other YAML key can be set with a dotted flag (--generation_config.max_new_tokens 64, "
                       "--processor.tokenizer.vocab_file PATH).")
@@ -332,11 +331,7 @@ def add_model_arguments(parser):
                                            "tokenizer's chat_template, else raw)")
     parser.add_argument("--vocab_file", help="processor.tokenizer.vocab_file: tokenizer.model, tokenizer.json "
                                              "or an HF folder (default: the YAML's, else the HF weights folder)")
-    parser.add_argument("--max_new_tokens", help="generation_config.max_new_tokens")
-    parser.add_argument("--do_sample", help="generation_config.do_sample (False: greedy)")
-    parser.add_argument("--temperature", help="generation_config.temperature")
-    parser.add_argument("--top_k", help="generation_config.top_k")
-    parser.add_argument("--top_p", help="generation_config.top_p")
+    add_sampling_arguments(parser)
     parser.add_argument("--repetition_penalty", help="generation_config.repetition_penalty")
     parser.add_argument("--seed", help="seed of sampling")
     parser.add_argument("--device_target", help="CPU, GPU or Ascend")
