@@ -121,6 +121,9 @@ def put_cell(model, full_name, cell):
     setattr(_cell_at(model, parent_name), attr, cell)
     # A cell set after construction is prefixed with its attribute name only.
     cell.update_parameters_name(full_name + ".")
+    layer = re.match(r"model\.layers\.\d+", full_name)
+    if layer and hasattr(_cell_at(model, layer.group()), "key_by_structure"):
+        _cell_at(model, layer.group()).key_by_structure()
 
 
 def packs_of(model):

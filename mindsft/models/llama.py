@@ -6,6 +6,7 @@ and its parameter names are MindFormers' Llama names so checkpoints interoperate
 families are flags of the same cells (`LlamaConfig`): q/k/v biases (Qwen2), per-head q/k
 RMSNorm (Qwen3), a sliding attention window (Mistral), a row-normalised head (Baichuan2).
 """
+import hashlib
 import math
 
 import numpy as np
@@ -338,6 +339,15 @@ class ReusedDecoderLayer(DecoderLayer):
     @lazy_inline(policy="front")
     def __init__(self, config):
         super().__init__(config)
+
+    def key_by_structure(self):
+        """After cells of this layer are replaced (LoRA on some projections, a merge), key it by its
+        cells and parameter shapes: MindSpore compiles one graph per `cell_init_args` and runs it
+        for every layer holding that key, so layers that differ must not share one."""
+        cells = [(name, type(cell).__name__) for name, cell in self.cells_and_names()]
+        shapes = [(name, tuple(param.shape)) for name, param in self.parameters_and_names()]
+        digest = hashlib.sha1(repr((cells, shapes)).encode()).hexdigest()
+        self.cell_init_args = f"lazy_inline_{type(self).__name__}_{digest}"
 
 
 class LlamaModel(nn.Cell):
