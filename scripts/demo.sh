@@ -2,7 +2,7 @@
 # The whole pipeline on the built-in sample, on 2 CPU workers, in a few minutes:
 # a tiny random HuggingFace Llama → MindSpore checkpoint → alpaca → conversations → MindRecord
 # → full fine-tuning over msrun (2 workers) → loss curve → generation from the fine-tuned
-# checkpoint, and back to a HuggingFace folder.
+# checkpoint, back to a HuggingFace folder, one chat turn, and a DPO stage on preference pairs.
 # Usage: bash scripts/demo.sh [--family llama|llama3|qwen2|qwen3|mistral|baichuan2] [WORK_DIR]
 #        (default: llama, demo_output): the same pipeline for a tiny random model of that family.
 set -euo pipefail
