@@ -186,6 +186,9 @@ def test_merge_tool_on_a_converted_checkpoint_reads_its_family_from_the_config_b
     merged = merge_lora_files(str(base), str(tmp_path / "adapter"), output=str(tmp_path / "merged.ckpt"),
                               progress=False)
     assert sorted(merged) == sorted(f"model.layers.{i}.attention.w{p}.weight" for i in range(2) for p in "qkv")
+    # The merged checkpoint carries the base's config, as the converted one does.
+    assert json.loads(open(model_config_path(tmp_path / "merged.ckpt")).read()) == \
+        json.loads(open(model_config_path(base)).read())
     merge_lora(ours)
     arrays = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(tmp_path / "merged.ckpt")).items()}
     for param in ours.get_parameters():

@@ -13,7 +13,7 @@ import numpy as np
 
 from mindsft.convert import dtypes
 from mindsft.convert.ckpt_format import CkptWriter, read_ckpt
-from mindsft.convert.convert import TOKENIZER_FILES, ms_to_hf
+from mindsft.convert.convert import TOKENIZER_FILES, model_config_path, ms_to_hf, write_model_config
 from mindsft.errors import AdapterError, ConfigError, ConvertError
 from mindsft.output_files import atomic_output, check_output_path
 from mindsft.input_files import field, read_json
@@ -262,6 +262,10 @@ def merge_lora_files(base, adapter, output=None, hf_output=None, lora_config=Non
                           "(model.model_config) or use a HuggingFace folder as the base")
     if output:
         _write_merged_ckpt(tensors, adapter_arrays, modules, lora_config.scaling, output, progress)
+        # The merged checkpoint carries its model as a converted one does (eval, predict and the
+        # reverse conversion read it).
+        if config is not None:
+            write_model_config(config, model_config_path(output))
     if hf_output:
         if output:
             ms_to_hf(output, hf_output, config, tokenizer_dir=tokenizer_dir, progress=progress, overwrite=overwrite)
