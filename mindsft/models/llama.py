@@ -583,7 +583,11 @@ class LlamaForCausalLM(nn.Cell):
         total = None
         for start in range(0, rows, chunk):
             end = min(start + chunk, rows)
-            part, _ = self.head_loss_chunk(flat[start:end], weight, kernel_targets[start:end])
+            part, lse = self.head_loss_chunk(flat[start:end], weight, kernel_targets[start:end])
+            # The log-sum-exp is read by the chunk's backward only; unused here, MindSpore's
+            # graph pass drops it with a warning on the user's console ("side effect nodes
+            # eliminated by mistake").
+            part = ops.depend(part, lse)
             total = part if total is None else total + part
         return total, learned.astype(ms.float32).sum()
 
