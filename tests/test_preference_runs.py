@@ -1,16 +1,9 @@
 """stage: dpo runs as SFT runs: gradient accumulation and 2 msrun workers reproduce one batch of
 the same pairs, and a run killed with -9 resumes to the same losses, metrics and weights."""
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
 
-from test_train import checkpoint_meta
-from trainkit import (ROOT, assert_same_run, cli_args, env, run_msrun, run_python, worker_logs,
+from trainkit import (assert_same_run, cli_args, kill_after_checkpoint, run_msrun, run_python, worker_logs,
                       write_pair_mindrecord, write_start_checkpoint)
 
 pytestmark = pytest.mark.slow
@@ -72,18 +65,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_losses_and_weights(tm
     train(tmp_path / "whole", dataset, **settings)
     out = tmp_path / "killed"
     args = cli_args(out, dataset / "pairs", dataset / "start.ckpt", **DPO, **settings)
-    process = subprocess.Popen([sys.executable, str(ROOT / "run_mindformer.py"), *args], cwd=ROOT, env=env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        meta = checkpoint_meta(out)
-        if meta and meta["last_step"] >= 20:
-            break
-        time.sleep(0.005)
-    assert process.poll() is None, "the run ended before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    stopped_at = checkpoint_meta(out)["last_step"]
+    stopped_at = kill_after_checkpoint(args, out, 20)
     result = run_python(args + ["--resume_training", "True"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at step {stopped_at}" in result.stdout

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainkit import (ROOT, assert_same_run, cli_args, env, final_weights, run_python, write_qa_mindrecord,
-                      write_start_checkpoint)
+from trainkit import (ROOT, assert_same_run, cli_args, env, final_weights, kill_after_checkpoint, run_python,
+                      write_qa_mindrecord, write_start_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -60,32 +60,13 @@ def test_tiny_model_overfits_a_small_set_and_logs_what_a_person_watches(tmp_path
     assert (out / "training_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def checkpoint_meta(output_dir):
-    path = Path(output_dir) / "checkpoint" / "rank_0" / "meta.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def test_run_killed_after_a_checkpoint_resumes_to_the_same_losses_and_weights(tmp_path, dataset):
     settings = {"runner_config.batch_size": 4, "runner_config.epochs": 40, "callbacks.1.save_checkpoint_steps": 10,
                 "callbacks.1.keep_checkpoint_max": 3}
     train(tmp_path / "whole", dataset, **settings)
     out = tmp_path / "killed"
     args = cli_args(out, dataset / "qa", dataset / "start.ckpt", **settings)
-    process = subprocess.Popen([sys.executable, str(ROOT / "run_mindformer.py"), *args], cwd=ROOT, env=env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        meta = checkpoint_meta(out)
-        if meta and meta["last_step"] >= 20:
-            break
-        time.sleep(0.005)
-    assert process.poll() is None, "the run ended before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    stopped_at = checkpoint_meta(out)["last_step"]
+    stopped_at = kill_after_checkpoint(args, out, 20)
     assert 20 <= stopped_at < 160
     result = run_python(args + ["--resume_training", "True"])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,9 +1,12 @@
 """Helpers for the training tests: real MindRecord files, a real starting checkpoint, and
 running run_mindformer.py in-process, as a subprocess, or under real msrun workers."""
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +160,28 @@ def write_pair_mindrecord(folder, num_records=16, seq_length=TINY_MODEL["seq_len
     writer.write_raw_data(rows)
     writer.commit()
     return folder
+
+
+def checkpoint_meta(output_dir):
+    path = Path(output_dir) / "checkpoint" / "rank_0" / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def kill_after_checkpoint(args, output_dir, min_step):
+    """Start run_mindformer.py with `args`, kill -9 it once a checkpoint of step >= `min_step` is
+    complete, and return the step of the last complete checkpoint."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "run_mindformer.py"), *args], cwd=ROOT, env=env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        meta = checkpoint_meta(output_dir)
+        if meta and meta["last_step"] >= min_step:
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return checkpoint_meta(output_dir)["last_step"]
