@@ -35,6 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the first (compiling) one")
     parser.add_argument("--workdir", help="where the random model is written (default: a temporary folder)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--recompute", action="store_true",
+                        help="recompute each decoder layer in the backward pass (recompute_config.recompute)")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -134,6 +136,8 @@ def run_variant(args):
     load_peak = peak_rss_mib()
     base_mib = sum(p.size * p.itemsize for p in model.get_parameters()) / 2**20
     apply_lora(model, LoraConfig.from_llamafactory({"lora_target": "all", "lora_rank": args.rank}))
+    if args.recompute:
+        model.recompute_layers()
     params = model.trainable_params()
     step = TrainStep(model, params, AdamWUpdate(params, 0.9, 0.999, 1e-8, 0.0), max_grad_norm=1.0)
     rng = np.random.RandomState(0)
@@ -167,7 +171,7 @@ def main(argv=None):
         for variant in args.variants.split(","):
             command = [sys.executable, __file__, "--variant", variant, "--model_dir", str(model_dir),
                        "--layers", str(args.layers), "--seq", str(args.seq), "--batch", str(args.batch),
-                       "--rank", str(args.rank), "--steps", str(args.steps)]
+                       "--rank", str(args.rank), "--steps", str(args.steps)] + (["--recompute"] if args.recompute else [])
             code, output, peak, seconds = run_measured(command, workdir / f"{variant}.log", env=bench_env(),
                                                        timeout=3600)
             result = read_result(output)
@@ -178,7 +182,8 @@ def main(argv=None):
             results[variant] = result
             print(f"{variant}: {json.dumps(result)} ({seconds:.0f} s)", flush=True)
     print(f"\nTinyLlama-1.1B shapes, {args.layers} of 22 layers; LoRA rank {args.rank} on all linear layers; "
-          f"batch {args.batch} x {args.seq}; median of {args.steps} compiled steps after the first")
+          f"batch {args.batch} x {args.seq}; median of {args.steps} compiled steps after the first"
+          + ("; every decoder layer recomputed" if args.recompute else ""))
     names = [v for v in VARIANTS if v in results]
     print(f"{'':28s}" + "".join(f"{v:>12s}" for v in names) + "".join(f"{v + '/fp32':>12s}" for v in names[1:]))
     rows = [("base weights (MiB)", "base_mib", "{:.0f}"), ("load time (s)", "load_s", "{:.1f}"),
@@ -193,7 +198,9 @@ def main(argv=None):
     if "fp32" in results and "nf4" in results:
         memory = ratio(results["nf4"]["train_peak_mib"], results["fp32"]["train_peak_mib"])
         speed = ratio(results["nf4"]["step_s"], results["fp32"]["step_s"])
-        print(f"goals: 4-bit training peak RSS <= 0.3x fp32: {memory:.3f} ({'met' if memory <= 0.3 else 'not met'}); "
+        # With every layer recomputed the goal is 0.4x (issue: real shapes), else 0.3x.
+        goal = 0.4 if args.recompute else 0.3
+        print(f"goals: 4-bit training peak RSS <= {goal}x fp32: {memory:.3f} ({'met' if memory <= goal else 'not met'}); "
               f"4-bit step time <= 1.5x fp32: {speed:.3f} ({'met' if speed <= 1.5 else 'not met'})")
         # The ratio a step that held nothing but the weights would reach: the process before
         # loading plus the base, each side (the fp32 embedding and head stay in both).
